@@ -1,0 +1,55 @@
+# The two commands that do everything on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CXR_DATA ?= ../shared/data/pneumonia
+export CXR_DATA
+
+.PHONY: setup java serve stop test lint train train-candidates evaluate compare clean
+
+setup: $(STAMP) java
+
+# Re-installs only when requirements.txt changes; otherwise a no-op.
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# TorchServe's frontend is Java: install Java 17 when no java is on the PATH.
+java:
+	@command -v java >/dev/null || { echo "installing Java 17"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
+
+serve: setup
+	@echo "Serving (TorchServe with the shipped default model) arrives with the serving issue;"
+	@echo "the shipped model is models/pneumonia/model.pt. Nothing was started."
+
+stop:
+	@echo "Nothing to stop: serving is not there yet."
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest
+
+# The shipped default model, exactly as it was trained (see README "Training").
+train: setup
+	$(PY) -m training.train --arch $(or $(ARCH),mobilenet_v3_large) --image-size 128 --epochs 12 --batch-size 32 \
+		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
+		--output-dir runs/$(or $(ARCH),mobilenet_v3_large)
+
+# The architecture comparison: every candidate with the same budget, into runs/<arch>/.
+train-candidates: setup
+	PYTHON=$(PY) training/train_candidates.sh
+
+evaluate: setup
+	$(PY) -m training.evaluate --checkpoint $(or $(CHECKPOINT),models/pneumonia/model.pt) --split test \
+		--output-dir $(or $(OUT),runs/evaluate)
+
+compare: setup
+	$(PY) -m training.compare runs/*/model.pt --output docs/model_comparison.md
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""The one definition of preprocessing, used by training, export checks and the serving handler.
+
+Every input becomes an 8-bit grayscale image first (`load_image`), whatever it was: 8- or 16-bit grayscale,
+RGB, RGBA, palette, CMYK, with or without an EXIF orientation. The whole image is then resized to a square
+without cropping: most of the Kermany training images reached us already squashed to 224x224 while the test
+images keep their aspect ratio, and squashing both treats them alike (a centre crop would not).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+
+# Refuse decompression bombs ourselves with a clear message instead of PIL's warning/exception mix.
+MAX_IMAGE_PIXELS = 50_000_000
+Image.MAX_IMAGE_PIXELS = None
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+class InvalidImageError(ValueError):
+    """The input cannot be turned into an X-ray tensor; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything needed to turn an image into the model's input; stored in every checkpoint and archive."""
+
+    image_size: int = 224
+    channels: int = 1
+    mean: tuple[float, ...] = (0.484,)
+    std: tuple[float, ...] = (0.234,)
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PreprocessConfig:
+        values = dict(values)
+        values["mean"] = tuple(values["mean"])
+        values["std"] = tuple(values["std"])
+        return cls(**values)
+
+
+def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> Image.Image:
+    """Decode `source` (bytes, a path or a PIL image) into an upright 8-bit grayscale ("L") image.
+
+    Raises InvalidImageError naming the problem: empty input, not an image, truncated data, absurd size.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise InvalidImageError("empty input: no image bytes were sent")
+            stream: Any = io.BytesIO(source)
+        else:
+            stream = source
+        try:
+            image = Image.open(stream)
+        except UnidentifiedImageError as error:
+            raise InvalidImageError("not an image: the bytes are not in a format Pillow can decode") from error
+        except OSError as error:
+            raise InvalidImageError(f"unreadable image: {error}") from error
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(
+            f"image too large: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(f"truncated or corrupt image data: {error}") from error
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not refuse a decodable image
+        pass
+    return to_grayscale(image)
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Map any Pillow mode to 8-bit grayscale so that every encoding of one X-ray gives the same pixels."""
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        # 16-bit data: keep the high byte (v * 257 >> 8 == v), so a 16-bit copy of an 8-bit image matches it.
+        values = np.asarray(image, dtype=np.int64)
+        values = np.clip((values + 128) // 257, 0, 255).astype(np.uint8)
+        return Image.fromarray(values, mode="L")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0.0) <= 255.0 else 65535.0
+        return Image.fromarray(np.clip(values * 255.0 / scale, 0, 255).round().astype(np.uint8), mode="L")
+    if mode in ("LA", "La"):
+        return image.getchannel(0)
+    if mode == "1":
+        return image.convert("L")
+    # RGBA/RGBa drop their alpha, P/PA/CMYK/YCbCr/LAB/HSV go through RGB; RGB -> L is ITU-R 601 luma,
+    # which leaves a grey pixel (r == g == b) unchanged.
+    return image.convert("RGB").convert("L")
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode(name)
+
+
+class EvalPreset:
+    """Deterministic preprocessing for evaluation and serving: grayscale -> square resize -> tensor -> normalise."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        if config.resize != "squash":
+            raise ValueError(f"unknown resize mode {config.resize!r}")
+        self.config = config
+        self.resize = v2.Resize(
+            (config.image_size, config.image_size), interpolation=_interpolation(config.interpolation), antialias=True
+        )
+        self.normalize = v2.Normalize(mean=list(config.mean) * _repeat(config), std=list(config.std) * _repeat(config))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_grayscale(image)
+        tensor = v2.functional.pil_to_tensor(self.resize(image))
+        return self.normalize(_to_channels(tensor, self.config.channels).float().div_(255.0))
+
+
+class TrainPreset:
+    """Training preprocessing: the eval resize plus augmentations that keep an X-ray an X-ray.
+
+    Small rotations, shifts and zooms, brightness and contrast. No vertical flip (anatomy has an up) and no
+    horizontal flip (the heart is on the left, and reports say "left lower lobe").
+    """
+
+    def __init__(
+        self,
+        config: PreprocessConfig,
+        *,
+        degrees: float = 7.0,
+        translate: float = 0.06,
+        scale: tuple[float, float] = (0.9, 1.1),
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+    ) -> None:
+        self.eval_preset = EvalPreset(config)
+        self.augment = v2.Compose(
+            [
+                v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale),
+                v2.ColorJitter(brightness=brightness, contrast=contrast),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_grayscale(image)
+        config = self.eval_preset.config
+        tensor = v2.functional.pil_to_tensor(self.eval_preset.resize(image))
+        tensor = self.augment(tensor)
+        return self.eval_preset.normalize(_to_channels(tensor, config.channels).float().div_(255.0))
+
+
+def preprocess(source: bytes | str | os.PathLike | Image.Image, config: PreprocessConfig) -> torch.Tensor:
+    """Decode and preprocess one image into a (channels, size, size) float tensor."""
+    return EvalPreset(config)(load_image(source))
+
+
+def _repeat(config: PreprocessConfig) -> int:
+    return config.channels if len(config.mean) == 1 else 1
+
+
+def _to_channels(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    return tensor if channels == 1 else tensor.expand(channels, -1, -1)

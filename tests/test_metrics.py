@@ -1,0 +1,96 @@
+"""Our NumPy metrics agree with scikit-learn; the threshold is the highest that keeps sensitivity."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from cxr.metrics import (
+    average_precision,
+    choose_threshold,
+    classification_report,
+    confusion_matrix,
+    roc_auc,
+    roc_curve,
+)
+
+
+@pytest.fixture
+def binary_scores():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    scores = np.round(np.clip(0.35 * y + rng.normal(0.4, 0.25, 400), 0, 1), 2)  # rounded: many ties
+    return y, scores
+
+
+def test_roc_auc_and_average_precision_match_sklearn(binary_scores):
+    y, scores = binary_scores
+    assert roc_auc(y, scores) == pytest.approx(skm.roc_auc_score(y, scores), abs=1e-12)
+    assert average_precision(y, scores) == pytest.approx(skm.average_precision_score(y, scores), abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn(binary_scores):
+    y, scores = binary_scores
+    fpr, tpr, _ = roc_curve(y, scores)
+    sk_fpr, sk_tpr, _ = skm.roc_curve(y, scores, drop_intermediate=False)
+    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
+
+
+def test_known_values():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+    assert confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2], 3).tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_binary_report_matches_sklearn(binary_scores):
+    y, scores = binary_scores
+    probabilities = np.stack([1 - scores, scores], axis=1)
+    report = classification_report(y, probabilities, ["NORMAL", "PNEUMONIA"], positive_index=1, threshold=0.5,
+                                   bootstrap=200)
+    predicted = (scores >= 0.5).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, predicted).ravel()
+    assert report["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
+    assert report["sensitivity"] == pytest.approx(skm.recall_score(y, predicted))
+    assert report["specificity"] == pytest.approx(tn / (tn + fp))
+    assert report["precision"] == pytest.approx(skm.precision_score(y, predicted))
+    assert report["f1"] == pytest.approx(skm.f1_score(y, predicted))
+    assert report["roc_auc"] == pytest.approx(skm.roc_auc_score(y, scores))
+    assert report["pr_auc"] == pytest.approx(skm.average_precision_score(y, scores))
+    assert report["confusion_matrix"] == [[tn, fp], [fn, tp]]
+    low, high = report["ci95"]["roc_auc"]
+    assert low < report["roc_auc"] < high
+
+
+def test_multiclass_report_matches_sklearn():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 300)
+    logits = rng.normal(size=(300, 4)) + 1.5 * np.eye(4)[y]
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    names = ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    report = classification_report(y, probabilities, names, bootstrap=0)
+    predicted = probabilities.argmax(1)
+    assert report["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted))
+    assert report["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, predicted))
+    assert report["macro_auc"] == pytest.approx(skm.roc_auc_score(y, probabilities, multi_class="ovr"))
+    f1 = skm.f1_score(y, predicted, average=None)
+    precision = skm.precision_score(y, predicted, average=None)
+    for index, name in enumerate(names):
+        assert report["per_class"][name]["f1"] == pytest.approx(f1[index])
+        assert report["per_class"][name]["precision"] == pytest.approx(precision[index])
+    assert "sensitivity" not in report  # no single disease class for more than 2 classes
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 1.0])
+def test_choose_threshold_is_the_highest_meeting_the_target(binary_scores, target):
+    y, scores = binary_scores
+    threshold = choose_threshold(y, scores, target)
+    positives = scores[y == 1]
+    assert (positives >= threshold).mean() >= target
+    higher = np.unique(scores[scores > threshold])
+    if len(higher):
+        assert (positives >= higher[0]).mean() < target
+
+
+def test_choose_threshold_needs_positives():
+    with pytest.raises(ValueError):
+        choose_threshold(np.zeros(5), np.linspace(0, 1, 5))
