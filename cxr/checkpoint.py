@@ -103,3 +103,18 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+SERVING_KEYS = ("arch", "class_names", "positive_class", "threshold", "preprocessing", "data_manifest_sha256",
+                "git_commit", "created")
+
+
+def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a served model needs about itself; embedded in TorchScript and ONNX files so they stand alone."""
+    config = {key: checkpoint[key] for key in SERVING_KEYS}
+    config["metrics"] = {
+        split: {key: values[key] for key in ("roc_auc", "macro_auc", "accuracy", "sensitivity", "specificity")
+                if key in values}
+        for split, values in checkpoint.get("metrics", {}).items() if isinstance(values, dict)
+    }
+    return config

@@ -1,0 +1,174 @@
+"""Start and stop a TorchServe instance on loopback, for `make serve`, the tests and the benchmarks.
+
+TorchServe runs in the foreground of its own process group (so several instances, each with its own ports
+and working folder, can coexist), writes its logs and `key_file.json` (the token keys) into `workdir`.
+
+    python -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar
+    python -m cxr.server stop --workdir logs/serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
+                 "grpc_management": 7071}
+
+
+def write_config(path: Path, model_store: Path, ports: dict[str, int] | None = None,
+                 overrides: dict[str, str] | None = None) -> Path:
+    """The shipped config.properties with the ports, model store and any overrides replaced."""
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    values = {
+        "inference_address": f"http://127.0.0.1:{ports['inference']}",
+        "management_address": f"http://127.0.0.1:{ports['management']}",
+        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+        "model_store": str(model_store.resolve()),
+        "allowed_urls": f"file://{model_store.resolve()}/.*\\\\.mar",
+        **(overrides or {}),
+    }
+    lines, seen = [], set()
+    for line in (REPO / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if not line.startswith("#") and "=" in line and key in values:
+            line, _ = f"{key}={values[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{key}={value}" for key, value in values.items() if key not in seen]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_keys(workdir: Path) -> dict[str, str]:
+    """{"inference": ..., "management": ...} from the key_file.json TorchServe wrote."""
+    keys = json.loads((workdir / "key_file.json").read_text())
+    return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
+
+
+def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "model_store",
+          ports: dict[str, int] | None = None, overrides: dict[str, str] | None = None,
+          timeout: float = 180.0) -> subprocess.Popen:
+    """Start TorchServe and wait until every model answers /ping-and-describe as ready."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "key_file.json").unlink(missing_ok=True)
+    config = write_config(workdir / "config.properties", model_store, ports, overrides)
+    torchserve = Path(sys.executable).with_name("torchserve")
+    environment = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
+                   "PYTHONPATH": "", "TS_DISABLE_SYSTEM_METRICS": "false"}
+    environment["PATH"] = f"{torchserve.parent}{os.pathsep}{environment.get('PATH', '')}"
+    command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+               "--model-store", str(model_store.resolve()),
+               "--models", *[f"{name}={archive}" for name, archive in models.items()]]
+    with open(workdir / "torchserve.out", "ab") as output:
+        process = subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
+    (workdir / "torchserve.pid").write_text(str(process.pid))
+    port = {**DEFAULT_PORTS, **(ports or {})}["management"]
+    try:
+        wait_ready(workdir, port, list(models), process, timeout)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+def wait_ready(workdir: Path, management_port: int, names: list[str], process: subprocess.Popen,
+               timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    while pending:
+        if process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with {process.returncode}; see {workdir / 'torchserve.out'}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"models {pending} not ready after {timeout:.0f} s; see {workdir / 'logs'}")
+        if (workdir / "key_file.json").is_file():
+            key = read_keys(workdir)["management"]
+            request = urllib.request.Request(f"http://127.0.0.1:{management_port}/models/{pending[0]}",
+                                             headers={"Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    workers = json.loads(response.read())[0].get("workers", [])
+                if workers and all(worker.get("status") == "READY" for worker in workers):
+                    pending.pop(0)
+                    continue
+            except (urllib.error.URLError, OSError, ValueError, IndexError):
+                pass
+        time.sleep(0.5)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop TorchServe's whole process group (frontend and Python workers)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    _kill_group(process.pid)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(workdir: Path) -> bool:
+    """Stop the instance whose pid file is in `workdir`; False if none was running."""
+    pid_file = workdir / "torchserve.pid"
+    if not pid_file.is_file():
+        return False
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    for _ in range(60):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    _kill_group(pid)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--workdir", default="logs/serve", type=Path)
+    parser.add_argument("--model-store", default=REPO / "model_store", type=Path)
+    parser.add_argument("--models", nargs="*", default=["pneumonia=pneumonia.mar"], help="NAME=ARCHIVE.mar")
+    args = parser.parse_args()
+    if args.action == "stop":
+        print("stopped TorchServe" if stop(args.workdir) else f"no TorchServe running from {args.workdir}")
+        return
+    if (args.workdir / "torchserve.pid").is_file():
+        stop(args.workdir)
+    models = dict(item.split("=", 1) for item in args.models)
+    process = start(args.workdir, models, model_store=args.model_store)
+    keys = read_keys(args.workdir.resolve())
+    print(f"TorchServe pid {process.pid} serving {', '.join(models)} on 127.0.0.1 "
+          f"(inference 8080, management 8081, metrics 8082, gRPC 7070/7071)")
+    print(f"inference key: {keys['inference']}  (all keys: {args.workdir.resolve() / 'key_file.json'})")
+    print(f"try: curl -H 'Authorization: Bearer {keys['inference']}' -H 'Content-Type: image/jpeg' "
+          f"--data-binary @XRAY.jpeg http://127.0.0.1:8080/predictions/{next(iter(models))}")
+
+
+if __name__ == "__main__":
+    main()

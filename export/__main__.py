@@ -1,0 +1,160 @@
+"""Export a checkpoint to TorchScript, ONNX and ONNX int8, and check each against eager PyTorch.
+
+    python -m export --checkpoint models/pneumonia/model.pt --output-dir runs/export
+
+Checks run on real validation images: fp32 variants must match eager within --tolerance in probability with
+identical labels; int8 must keep --int8-min-agreement label agreement and lose at most --int8-max-auc-drop
+AUC. A file is only left in --output-dir when its check passed; a failed check exits non-zero with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cxr.backends import load_backend
+from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config
+from cxr.data import XrayFolder, resolve_data_root
+from cxr.metrics import predict_labels, roc_auc
+from cxr.preprocessing import EvalPreset
+from cxr.timing import images_per_second
+from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
+
+FILE_NAMES = {"eager": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
+
+
+def load_images(dataset: XrayFolder, limit: int | None, seed: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images (eval transform) and labels of `limit` random readable images of `dataset`."""
+    indices = list(range(len(dataset)))
+    random.Random(seed).shuffle(indices)
+    images, labels = [], []
+    for index in tqdm(indices[:limit] if limit else indices, desc=desc, leave=False):
+        item = dataset[index]
+        if item is not None:
+            images.append(item[0].numpy())
+            labels.append(item[1])
+    return np.stack(images), np.asarray(labels)
+
+
+def batched_predict(backend: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return np.concatenate([backend.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> dict:
+    positive = config["class_names"].index(config["positive_class"]) if config["positive_class"] else None
+    threshold = config["threshold"]
+    agreement = float((predict_labels(reference, positive, threshold) ==
+                       predict_labels(candidate, positive, threshold)).mean())
+    auc = (lambda p: roc_auc(labels == positive, p[:, positive])) if positive is not None else \
+        (lambda p: float(np.mean([roc_auc(labels == k, p[:, k]) for k in range(p.shape[1])])))
+    return {"max_abs_diff": float(np.abs(reference - candidate).max()), "label_agreement": agreement,
+            "auc": auc(candidate), "auc_drop": auc(reference) - auc(candidate)}
+
+
+def measure(path: Path, images: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    started = time.perf_counter()
+    backend = load_backend(path, "cpu", threads=threads)
+    load_seconds = time.perf_counter() - started
+    speeds = {f"cpu_images_per_s_b{b}": images_per_second(backend.predict, images[:b], b, repeats) for b in (1, 8)}
+    return {"file_mb": path.stat().st_size / 1e6, "load_seconds": load_seconds, **speeds}
+
+
+def markdown(rows: dict[str, dict[str, Any]], threads: int, check_images: int) -> str:
+    lines = ["| variant | file | MB | load s | CPU img/s b1 | CPU img/s b8 | max prob diff | label agreement | "
+             "AUC (val) | AUC drop | check |", "|---" * 11 + "|"]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | `{row['file']}` | {row['file_mb']:.1f} | {row['load_seconds']:.2f} | "
+            f"{row['cpu_images_per_s_b1']:.1f} | {row['cpu_images_per_s_b8']:.1f} | {row['max_abs_diff']:.2e} | "
+            f"{row['label_agreement']:.4f} | {row['auc']:.4f} | {row['auc_drop']:+.4f} | {row['check']} |"
+        )
+    lines += ["", f"Parity on {check_images} validation images against eager fp32 PyTorch; speeds are medians "
+              f"of timed runs in one process, {threads} CPU threads, model only (no decoding)."]
+    return "\n".join(lines) + "\n"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="models/pneumonia/model.pt")
+    parser.add_argument("--data", default=None, help="data root with val/ and train/ (default: $CXR_DATA)")
+    parser.add_argument("--output-dir", default="runs/export")
+    parser.add_argument("--formats", nargs="+", default=["torchscript", "onnx", "int8"],
+                        choices=["torchscript", "onnx", "int8"])
+    parser.add_argument("--check-images", default=0, type=int, help="val images for the checks (0: all)")
+    parser.add_argument("--calibration-images", default=256, type=int, help="training images for int8 calibration")
+    parser.add_argument("--tolerance", default=1e-4, type=float, help="max probability difference for fp32")
+    parser.add_argument("--int8-min-agreement", default=0.99, type=float)
+    parser.add_argument("--int8-max-auc-drop", default=0.005, type=float)
+    parser.add_argument("--threads", default=2, type=int)
+    parser.add_argument("--repeats", default=7, type=int)
+    parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. docs/export.md)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = serving_config(checkpoint)
+    model = model_from_checkpoint(checkpoint)
+    data_root = resolve_data_root(args.data)
+    preset = EvalPreset(preprocess_config(checkpoint))
+    val_images, val_labels = load_images(
+        XrayFolder(data_root / "val", preset, checkpoint["class_names"]), args.check_images, 0, "val images")
+    eager_path = output_dir / FILE_NAMES["eager"]
+    eager_path.write_bytes(Path(args.checkpoint).read_bytes())
+    reference = batched_predict(load_backend(eager_path), val_images)
+    rows: dict[str, dict[str, Any]] = {}
+    failures = []
+    steps = tqdm(["eager", *args.formats], desc="export")
+    for name in steps:
+        steps.set_postfix(variant=name)
+        path = output_dir / FILE_NAMES[name]
+        if name == "torchscript":
+            export_torchscript(model, config, path)
+        elif name == "onnx":
+            export_onnx(model, config, path)
+        elif name == "int8":
+            fp32 = output_dir / FILE_NAMES["onnx"]
+            if not fp32.is_file():
+                export_onnx(model, config, fp32)
+            calibration, _ = load_images(XrayFolder(data_root / "train", preset, checkpoint["class_names"]),
+                                         args.calibration_images, 1, "calibration images")
+            quantize_onnx_int8(fp32, path, calibration)
+        row = parity(reference, batched_predict(load_backend(path), val_images), val_labels, config)
+        if name == "int8":
+            ok = row["label_agreement"] >= args.int8_min_agreement and row["auc_drop"] <= args.int8_max_auc_drop
+        else:
+            ok = row["max_abs_diff"] <= args.tolerance and row["label_agreement"] == 1.0
+        row.update(file=path.name, check="pass" if ok else "FAIL", **measure(path, val_images, args.threads,
+                                                                            args.repeats))
+        rows[name] = row
+        if not ok:
+            numbers = {key: row[key] for key in ("max_abs_diff", "label_agreement", "auc_drop")}
+            failures.append(f"{name}: {json.dumps(numbers)}")
+            path.rename(path.with_suffix(path.suffix + ".failed"))
+    table = markdown(rows, args.threads, len(val_images))
+    print(table)
+    report = {"checkpoint": str(args.checkpoint), "check_images": len(val_images), "variants": rows}
+    (output_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(table)
+    if failures:
+        print("export check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

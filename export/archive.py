@@ -1,0 +1,76 @@
+"""Package exported model files as TorchServe archives with our handler and the shared `cxr` code.
+
+    python -m export.archive --export-dir runs/export --model-store model_store --default onnx
+
+Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant). Each archive holds the model
+file (which embeds its class names, preprocessing and threshold), handlers/cxr_handler.py,
+handlers/model-config.yaml and the serving part of the `cxr` package, so train and serve share one preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+SERVING_MODULES = ("__init__.py", "preprocessing.py", "models.py", "checkpoint.py", "backends.py", "metrics.py")
+VARIANTS = {"eager": "model.pt", "ts": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
+
+
+def stage_serving_code(folder: Path) -> Path:
+    """A folder holding `cxr/` with just the modules the handler imports (no training code)."""
+    package = folder / "cxr"
+    package.mkdir(parents=True)
+    for name in SERVING_MODULES:
+        shutil.copy2(REPO / "cxr" / name, package / name)
+    return folder
+
+
+def build_archive(model_file: Path, archive_name: str, version: str, model_store: Path, staged: Path) -> Path:
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    command = [
+        str(archiver), "--model-name", archive_name, "--version", version, "--serialized-file", str(model_file),
+        "--handler", str(REPO / "handlers" / "cxr_handler.py"), "--extra-files", str(staged),
+        "--config-file", str(REPO / "handlers" / "model-config.yaml"), "--export-path", str(model_store), "--force",
+    ]
+    subprocess.run(command, check=True)
+    return model_store / f"{archive_name}.mar"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export-dir", default="runs/export", help="output of `python -m export`")
+    parser.add_argument("--model-store", default="model_store")
+    parser.add_argument("--name", default="pneumonia", help="archive base name")
+    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--default", default="onnx", choices=sorted(VARIANTS), help="variant packed as <name>.mar")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[Path]:
+    export_dir, model_store = Path(args.export_dir), Path(args.model_store)
+    model_store.mkdir(parents=True, exist_ok=True)
+    missing = [VARIANTS[v] for v in {*args.variants, args.default} if not (export_dir / VARIANTS[v]).is_file()]
+    if missing:
+        raise SystemExit(f"missing in {export_dir}: {', '.join(missing)} (run `python -m export` first)")
+    built = []
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = stage_serving_code(Path(scratch) / "extra")
+        jobs = [(variant, f"{args.name}_{variant}") for variant in args.variants] + [(args.default, args.name)]
+        for variant, archive_name in tqdm(jobs, desc="archives"):
+            built.append(build_archive(export_dir / VARIANTS[variant], archive_name, args.version, model_store,
+                                       staged))
+    for path in built:
+        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return built
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,92 @@
+"""Writers for each served format. Every file embeds the checkpoint's serving config (`cxr_config.json`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from cxr.backends import CONFIG_KEY
+
+
+def example_input(config: dict[str, Any], batch_size: int = 2) -> torch.Tensor:
+    size, channels = config["preprocessing"]["image_size"], config["preprocessing"]["channels"]
+    return torch.randn(batch_size, channels, size, size)
+
+
+def export_torchscript(model: torch.nn.Module, config: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Trace the eval-mode model (CNNs have no data-dependent control flow) and embed the config."""
+    with torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example_input(config))
+    traced = torch.jit.freeze(traced)
+    torch.jit.save(traced, str(path), _extra_files={CONFIG_KEY: json.dumps(config)})
+    return Path(path)
+
+
+def _set_metadata(model: onnx.ModelProto, config: dict[str, Any]) -> None:
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = CONFIG_KEY, json.dumps(config)
+
+
+def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Export with a dynamic batch axis at the exporter's current opset, embed the config, run onnx.checker."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        torch.onnx.export(
+            model.eval(), (example_input(config),), str(path), input_names=["input"], output_names=["logits"],
+            dynamic_shapes={"x": {0: batch}}, verbose=False,
+        )
+    exported = onnx.load(str(path))
+    _set_metadata(exported, config)
+    onnx.checker.check_model(exported, full_check=True)
+    onnx.save(exported, str(path))
+    return Path(path)
+
+
+class _CalibrationReader:
+    """Feeds ONNX Runtime's static quantizer one preprocessed training batch at a time."""
+
+    def __init__(self, input_name: str, batches: list[np.ndarray]) -> None:
+        self.input_name = input_name
+        self.batches: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:  # pragma: no cover - not used by the MinMax calibrator
+        pass
+
+
+def quantize_onnx_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, calibration: np.ndarray,
+                       batch_size: int = 16) -> Path:
+    """ONNX Runtime static int8 quantization (QDQ, per-channel int8 weights, uint8 activations)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = onnx.load(str(fp32_path))
+    config = json.loads({p.key: p.value for p in source.metadata_props}[CONFIG_KEY])
+    input_name = source.graph.input[0].name
+    batches = [np.ascontiguousarray(calibration[i:i + batch_size], dtype=np.float32)
+               for i in range(0, len(calibration), batch_size)]
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(path), _CalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
+            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    quantized = onnx.load(str(path))
+    _set_metadata(quantized, config)
+    onnx.checker.check_model(quantized)
+    onnx.save(quantized, str(path))
+    return Path(path)

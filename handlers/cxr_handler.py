@@ -1,0 +1,215 @@
+"""TorchServe handler for chest X-ray classifiers: one handler for every backend (eager checkpoint,
+TorchScript, ONNX Runtime fp32/int8), using the same `cxr.preprocessing` code as training.
+
+Request shapes accepted (each TorchServe request may carry one or several images):
+  - raw image bytes as the body (JPEG, PNG incl. 16-bit, TIFF, BMP; grayscale or colour);
+  - multipart/form-data with one image per field;
+  - JSON: a base64 string, a list of them, or {"image"|"data"|"b64": ...}, {"instances"|"images": [...]}.
+One image gets one answer object; several images get a list, in order. A bad image fails its own request
+with a 4xx status and a message naming the problem; the other requests of the batch are answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from ts.torch_handler.base_handler import BaseHandler
+
+from cxr.backends import load_backend
+from cxr.metrics import predict_labels
+from cxr.preprocessing import EvalPreset, InvalidImageError, PreprocessConfig, load_image
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
+JSON_LIST_KEYS = ("instances", "images", "inputs")
+DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_image_bytes": 16 * 1024 * 1024,
+            "min_side": 64, "max_aspect_ratio": 4.0}
+
+
+class RequestError(Exception):
+    """A problem with one request: its HTTP status and a message that names the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _decode_base64(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RequestError(400, "text body is not base64-encoded image data") from error
+
+
+def _images_from_json(value: Any) -> list[bytes]:
+    if isinstance(value, str):
+        return [_decode_base64(value)]
+    if isinstance(value, (bytes, bytearray)):
+        return [bytes(value)]
+    if isinstance(value, list):
+        if value and all(isinstance(item, (int, float)) for item in value):
+            raise RequestError(400, "expected image data (bytes or base64), got a list of numbers; send the image file")
+        return [image for item in value for image in _images_from_json(item)]
+    if isinstance(value, dict):
+        for key in JSON_LIST_KEYS:
+            if key in value:
+                return _images_from_json(value[key])
+        for key in JSON_IMAGE_KEYS:
+            if key in value:
+                return _images_from_json(value[key])
+        raise RequestError(400, f"JSON body has no image: expected one of the keys {JSON_IMAGE_KEYS + JSON_LIST_KEYS}")
+    raise RequestError(400, f"unsupported request content of type {type(value).__name__}")
+
+
+def extract_images(row: dict[str, Any]) -> list[bytes]:
+    """The images of one TorchServe request row, as encoded bytes, in order."""
+    if not isinstance(row, dict) or not row:
+        raise RequestError(400, "empty request: no image was sent")
+    values = [row["body"]] if "body" in row else ([row["data"]] if "data" in row else list(row.values()))
+    images = []
+    for value in values:
+        if value is None:
+            continue
+        images.extend([bytes(value)] if isinstance(value, (bytes, bytearray)) else _images_from_json(value))
+    if not images or all(len(image) == 0 for image in images):
+        raise RequestError(400, "empty request: no image bytes were sent")
+    return images
+
+
+class XrayHandler(BaseHandler):
+    """initialize -> preprocess -> inference -> postprocess, with a status per request of the batch."""
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        manifest = context.manifest
+        self.settings = {**DEFAULTS, **((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})}
+        gpu_id = properties.get("gpu_id")
+        device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
+        model_path = os.path.join(properties["model_dir"], manifest["model"]["serializedFile"])
+        self.backend = load_backend(model_path, device, threads=self.settings["threads"], half=self.settings["fp16"])
+        self.config = self.backend.config
+        self.preset = EvalPreset(PreprocessConfig.from_dict(self.config["preprocessing"]))
+        self.class_names = list(self.config["class_names"])
+        self.threshold = self.config.get("threshold")
+        positive = self.config.get("positive_class")
+        self.positive_index = self.class_names.index(positive) if positive is not None else None
+        self.model_name = getattr(context, "model_name", None) or manifest["model"].get("modelName")
+        self.version = manifest["model"].get("modelVersion")
+        self.manifest = manifest
+        self.initialized = True
+        log.info("loaded %s (%s backend on %s)", model_path, self.backend.name, device)
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        started = time.perf_counter()
+        self.context = context
+        prepared = self.preprocess(data)
+        probabilities = self.inference(prepared)
+        output = self.postprocess(prepared, probabilities)
+        if getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        return output
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[list[torch.Tensor] | RequestError]:
+        """One entry per request: its image tensors, or the RequestError that refuses it."""
+        return [self._prepare_request(row) for row in data]
+
+    def _prepare_request(self, row: dict[str, Any]) -> list[torch.Tensor] | RequestError:
+        try:
+            images = extract_images(row)
+            limit = self.settings["max_images_per_request"]
+            if len(images) > limit:
+                raise RequestError(413, f"{len(images)} images in one request; at most {limit} are accepted")
+            prefix = len(images) > 1
+            return [self._prepare_image(image, f"image {i}: " if prefix else "") for i, image in enumerate(images)]
+        except RequestError as error:
+            return error
+        except Exception as error:  # noqa: BLE001 - one odd request must never take down the batch
+            log.exception("unexpected error while reading a request")
+            return RequestError(400, f"could not read the request: {error}")
+
+    def _prepare_image(self, data: bytes, prefix: str) -> torch.Tensor:
+        limit = self.settings["max_image_bytes"]
+        if len(data) > limit:
+            raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {limit} bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                image_format = probe.format
+        except Exception:  # noqa: BLE001 - load_image below gives the precise reason
+            image_format = None
+        if image_format is not None and image_format not in ACCEPTED_FORMATS:
+            raise RequestError(415, f"{prefix}unsupported image type {image_format}; send one of "
+                                    f"{', '.join(ACCEPTED_FORMATS)}")
+        try:
+            image = load_image(data)
+        except InvalidImageError as error:
+            status = 413 if "too large" in str(error) else 400
+            raise RequestError(status, f"{prefix}{error}") from error
+        width, height = image.size
+        if min(width, height) < self.settings["min_side"]:
+            raise RequestError(422, f"{prefix}image is {width}x{height} pixels; a chest X-ray needs at least "
+                                    f"{self.settings['min_side']} pixels on its short side")
+        if max(width, height) / min(width, height) > self.settings["max_aspect_ratio"]:
+            raise RequestError(422, f"{prefix}image is {width}x{height} pixels: an aspect ratio above "
+                                    f"{self.settings['max_aspect_ratio']}:1 is not a chest X-ray")
+        return self.preset(image)
+
+    def inference(self, prepared: list[list[torch.Tensor] | RequestError]) -> np.ndarray:
+        """One forward pass over every good image of every request in the batch."""
+        tensors = [tensor for item in prepared if not isinstance(item, RequestError) for tensor in item]
+        if not tensors:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return self.backend.predict(torch.stack(tensors))
+
+    def postprocess(self, prepared: list[list[torch.Tensor] | RequestError], probabilities: np.ndarray) -> list[Any]:
+        labels = predict_labels(probabilities, self.positive_index, self.threshold)
+        output, cursor = [], 0
+        for index, item in enumerate(prepared):
+            if isinstance(item, RequestError):
+                self._set_status(index, item.status, item.message)
+                output.append({"code": item.status, "error": item.message})
+                continue
+            answers = [self._answer(probabilities[cursor + k], labels[cursor + k]) for k in range(len(item))]
+            cursor += len(item)
+            output.append(answers[0] if len(answers) == 1 else answers)
+        return output
+
+    def _answer(self, probabilities: np.ndarray, label: int) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "version": self.version,
+            "label": self.class_names[int(label)],
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities,
+                                                                            strict=True)},
+            "threshold": self.threshold,
+        }
+
+    def _set_status(self, index: int, status: int, message: str) -> None:
+        context = self.context
+        if context is not None and hasattr(context, "set_response_status"):
+            context.set_response_status(code=status, phrase=message, idx=index)
+
+
+_service = XrayHandler()
+
+
+def handle(data: list[dict[str, Any]], context: Any) -> list[Any] | None:
+    """Module-level entry point (TorchServe also accepts the class; this keeps one instance per worker)."""
+    if not _service.initialized:
+        _service.initialize(context)
+    if data is None:
+        return None
+    return _service.handle(data, context)
