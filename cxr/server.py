@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,22 +110,35 @@ def wait_ready(workdir: Path, management_port: int, names: list[str], process: s
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop TorchServe's whole process group (frontend and Python workers)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    _kill_group(process.pid)
+    """Stop TorchServe's whole process group (launcher, Java frontend and Python workers)."""
+    _stop_group(process.pid, timeout, reap=process.poll)
+    process.wait()
 
 
-def _kill_group(pid: int) -> None:
+def _group_alive(pgid: int, reap: Callable[[], object] | None = None) -> bool:
+    if reap is not None:
+        reap()  # a zombie launcher would otherwise keep the group "alive"
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(pgid: int, timeout: float, reap: Callable[[], object] | None = None) -> bool:
+    """SIGTERM the group, SIGKILL what is left after `timeout`; returns once every member is gone."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid, reap) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(pgid, reap):
+        os.killpg(pgid, signal.SIGKILL)
+        while _group_alive(pgid, reap):
+            time.sleep(0.1)
+    return True
 
 
 def stop(workdir: Path) -> bool:
@@ -134,18 +148,7 @@ def stop(workdir: Path) -> bool:
         return False
     pid = int(pid_file.read_text())
     pid_file.unlink()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    for _ in range(60):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.5)
-    _kill_group(pid)
-    return True
+    return _stop_group(pid, timeout=30.0)
 
 
 def main() -> None:

@@ -57,13 +57,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[Path]:
     export_dir, model_store = Path(args.export_dir), Path(args.model_store)
     model_store.mkdir(parents=True, exist_ok=True)
-    missing = [VARIANTS[v] for v in {*args.variants, args.default} if not (export_dir / VARIANTS[v]).is_file()]
-    if missing:
-        raise SystemExit(f"missing in {export_dir}: {', '.join(missing)} (run `python -m export` first)")
+    if not (export_dir / VARIANTS[args.default]).is_file():
+        raise SystemExit(f"missing {export_dir / VARIANTS[args.default]} (run `python -m export` first)")
+    variants = [v for v in args.variants if (export_dir / VARIANTS[v]).is_file()]
+    for variant in sorted(set(args.variants) - set(variants)):
+        print(f"skipping {args.name}_{variant}.mar: {export_dir / VARIANTS[variant]} was not exported")
     built = []
     with tempfile.TemporaryDirectory() as scratch:
         staged = stage_serving_code(Path(scratch) / "extra")
-        jobs = [(variant, f"{args.name}_{variant}") for variant in args.variants] + [(args.default, args.name)]
+        jobs = [(variant, f"{args.name}_{variant}") for variant in variants] + [(args.default, args.name)]
         for variant, archive_name in tqdm(jobs, desc="archives"):
             built.append(build_archive(export_dir / VARIANTS[variant], archive_name, args.version, model_store,
                                        staged))

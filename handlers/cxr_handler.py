@@ -63,7 +63,13 @@ def _images_from_json(value: Any) -> list[bytes]:
     if isinstance(value, list):
         if value and all(isinstance(item, (int, float)) for item in value):
             raise RequestError(400, "expected image data (bytes or base64), got a list of numbers; send the image file")
-        return [image for item in value for image in _images_from_json(item)]
+        images = []
+        for index, item in enumerate(value):
+            try:
+                images.extend(_images_from_json(item))
+            except RequestError as error:
+                raise RequestError(error.status, f"image {index}: {error.message}") from error
+        return images
     if isinstance(value, dict):
         for key in JSON_LIST_KEYS:
             if key in value:

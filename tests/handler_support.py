@@ -1,0 +1,57 @@
+"""A fake TorchServe context and tiny model files, so the handler runs without a server."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxr.checkpoint import save_checkpoint
+from cxr.models import build_model
+from cxr.preprocessing import PreprocessConfig
+
+
+class FakeContext:
+    """What the handler reads from TorchServe's Context, plus a record of per-request statuses."""
+
+    def __init__(self, model_dir: Path, serialized_file: str, settings: dict[str, Any] | None = None,
+                 model_name: str = "pneumonia", version: str = "1.0") -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.manifest = {"model": {"serializedFile": serialized_file, "modelName": model_name,
+                                   "modelVersion": version}}
+        self.model_yaml_config = {"handler": settings or {}}
+        self.model_name = model_name
+        self.metrics = None
+        self.statuses: dict[int, tuple[int, str]] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+
+def write_tiny_checkpoint(path: Path, arch: str = "resnet18", image_size: int = 64, threshold: float = 0.5,
+                          class_names: tuple[str, ...] = ("NORMAL", "PNEUMONIA")) -> Path:
+    torch.manual_seed(0)
+    model = build_model(arch, len(class_names), 1).eval()
+    positive = "PNEUMONIA" if len(class_names) == 2 else None
+    save_checkpoint(path, model, arch=arch, class_names=list(class_names),
+                    preprocessing=PreprocessConfig(image_size=image_size), positive_class=positive,
+                    threshold=threshold if positive else None, metrics={}, train_config={},
+                    data_manifest_sha256="0" * 64, epoch=1)
+    return path
+
+
+def synthetic_xray(width: int = 320, height: int = 280) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    lungs = np.exp(-(((x - width * 0.3) ** 2) / 2500 + ((y - height / 2) ** 2) / 6000))
+    lungs += np.exp(-(((x - width * 0.7) ** 2) / 2500 + ((y - height / 2) ** 2) / 6000))
+    return np.clip(200 - 150 * lungs + 20 * np.sin(x / 7.0), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()

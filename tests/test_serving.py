@@ -1,0 +1,162 @@
+"""Integration: a real TorchServe on loopback serving archives built from the shipped model."""
+
+import base64
+import concurrent.futures
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cxr import server
+from export import __main__ as export_cli
+from export import archive as archive_cli
+from tests.conftest import SHIPPED_MODEL
+from tests.handler_support import write_tiny_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class Client:
+    def __init__(self, ports: dict[str, int], keys: dict[str, str]) -> None:
+        self.ports, self.keys = ports, keys
+
+    def request(self, path: str, body: bytes | None = None, content_type: str = "image/jpeg",
+                key: str | None = "inference", api: str = "inference", method: str | None = None):
+        headers = {"Content-Type": content_type} if body is not None else {}
+        if key:
+            headers["Authorization"] = f"Bearer {self.keys.get(key, key)}"
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[api]}{path}", data=body, headers=headers,
+                                         method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            text = error.read()
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, text.decode(errors="replace")
+
+    def predict(self, data: bytes, model: str = "pneumonia", **options):
+        return self.request(f"/predictions/{model}", data, **options)
+
+    def worker_pids(self, model: str) -> list[int]:
+        _, described = self.request(f"/models/{model}", key="management", api="management")
+        return sorted(worker["pid"] for worker in described[0]["workers"])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_root):
+    """Export the shipped model (or a tiny one when none is committed yet), archive it, start TorchServe."""
+    folder = tmp_path_factory.mktemp("serving")
+    checkpoint = SHIPPED_MODEL if SHIPPED_MODEL.is_file() else write_tiny_checkpoint(folder / "tiny.pt")
+    export_dir, store = folder / "export", folder / "model_store"
+    export_cli.main(export_cli.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--data", str(data_root), "--output-dir", str(export_dir),
+         "--formats", "onnx", "--check-images", "48", "--repeats", "1"]))
+    archive_cli.main(archive_cli.get_args_parser().parse_args(
+        ["--export-dir", str(export_dir), "--model-store", str(store), "--variants", "eager", "onnx",
+         "--default", "onnx", "--version", "1.0"]))
+    names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    workdir = folder / "run"
+    process = server.start(workdir, {"pneumonia": "pneumonia.mar", "pneumonia_eager": "pneumonia_eager.mar"},
+                           model_store=store, ports=ports, timeout=240)
+    try:
+        yield Client(ports, server.read_keys(workdir))
+    finally:
+        server.stop_process(process)
+        for port in ports.values():  # nothing listens on our ports once the server is gone
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+def test_token_is_required(served):
+    status, body = served.request("/ping", key=None)
+    assert status == 400 and body["type"] == "InvalidKeyException"
+    assert served.request("/ping", key="wrong-key")[0] == 400
+    status, body = served.request("/ping")
+    assert status == 200 and body["status"] == "Healthy"
+    assert served.predict(b"x", key=None)[0] == 400
+
+
+def test_every_sample_xray_gets_an_answer(served, sample_paths):
+    correct = 0
+    for path in sample_paths:
+        status, answer = served.predict(path.read_bytes())
+        assert status == 200, (path, answer)
+        assert set(answer) == {"model", "version", "label", "probabilities", "threshold"}
+        assert answer["model"] == "pneumonia" and answer["version"] == "1.0"
+        assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        correct += answer["label"] == path.parent.name
+    if SHIPPED_MODEL.is_file():
+        assert correct / len(sample_paths) >= 0.8, f"{correct}/{len(sample_paths)} sample X-rays right"
+
+
+def test_onnx_and_eager_archives_agree(served, sample_paths):
+    for path in sample_paths[::8]:
+        _, onnx_answer = served.predict(path.read_bytes())
+        _, eager_answer = served.predict(path.read_bytes(), model="pneumonia_eager")
+        assert onnx_answer["label"] == eager_answer["label"]
+        for name, p in eager_answer["probabilities"].items():
+            assert onnx_answer["probabilities"][name] == pytest.approx(p, abs=1e-4)
+
+
+def test_request_shapes(served, sample_paths):
+    data = sample_paths[0].read_bytes()
+    _, raw = served.predict(data)
+    encoded = base64.b64encode(data).decode()
+    status, listed = served.predict(json.dumps({"instances": [encoded, encoded]}).encode(),
+                                    content_type="application/json")
+    assert status == 200 and listed == [raw, raw]
+    boundary = "cxrboundary"
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.jpeg\"\r\n"
+                 f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    status, answer = served.predict(multipart, content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and answer == raw
+
+
+def test_bad_inputs_fail_alone_and_the_worker_survives(served, sample_paths):
+    pids_before = served.worker_pids("pneumonia")
+    good = [path.read_bytes() for path in sample_paths[:8]]
+    bad = [b"", b"not an image", good[0][: len(good[0]) // 3], b"GIF89a" + b"\0" * 50]
+    jobs = [(data, True) for data in good] + [(data, False) for data in bad]
+    jobs = jobs * 3
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lambda job: (job, served.predict(job[0])), jobs))
+    for (_, is_good), (status, body) in results:
+        if is_good:
+            assert status == 200 and body["label"] in ("NORMAL", "PNEUMONIA")
+        else:
+            assert 400 <= status < 500, body
+            assert body["error"] and body["code"] == status
+    assert len(results) == len(jobs)  # nothing lost
+    assert served.worker_pids("pneumonia") == pids_before  # no worker died or restarted
+
+
+def test_oversized_body_is_refused_by_the_frontend(served):
+    """A body over max_request_size (16 MiB) is refused from its Content-Length, before it is read."""
+    with socket.create_connection(("127.0.0.1", served.ports["inference"]), timeout=30) as sock:
+        sock.sendall((f"POST /predictions/pneumonia HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Authorization: Bearer {served.keys['inference']}\r\nContent-Type: image/jpeg\r\n"
+                      f"Content-Length: {17 * 1024 * 1024}\r\n\r\n").encode() + b"\xff" * 1024)
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    assert b" 413 " in status_line + b" ", status_line
+
+
+def test_management_api_needs_its_own_key(served):
+    assert served.request("/models", key="inference", api="management")[0] == 400
+    status, body = served.request("/models", key="management", api="management")
+    assert status == 200 and {m["modelName"] for m in body["models"]} == {"pneumonia", "pneumonia_eager"}
