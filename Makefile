@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 CXR_DATA ?= ../shared/data/pneumonia
 export CXR_DATA
 
-.PHONY: setup java serve stop test lint train train-candidates evaluate compare clean
+MODEL ?= models/pneumonia/model.pt
+VERSION ?= 1.0
+DEFAULT_VARIANT ?= onnx
+
+.PHONY: setup java serve stop test lint train train-candidates evaluate compare export archive clean
 
 setup: $(STAMP) java
 
@@ -21,12 +25,26 @@ java:
 	@command -v java >/dev/null || { echo "installing Java 17"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
 
-serve: setup
-	@echo "Serving (TorchServe with the shipped default model) arrives with the serving issue;"
-	@echo "the shipped model is models/pneumonia/model.pt. Nothing was started."
+# Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on.
+serve: setup model_store/pneumonia.mar
+	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar
 
 stop:
-	@echo "Nothing to stop: serving is not there yet."
+	@test -x $(PY) && $(PY) -m cxr.server stop --workdir logs/serve || echo "nothing to stop"
+
+# TorchScript / ONNX / int8 exports of $(MODEL), each checked against eager on the val images.
+runs/export/model.onnx: $(MODEL) | $(STAMP)
+	$(PY) -m export --checkpoint $(MODEL) --output-dir runs/export
+
+export: setup
+	$(PY) -m export --checkpoint $(MODEL) --output-dir runs/export --report docs/export.md
+
+# pneumonia.mar (the default variant) and pneumonia_{eager,ts,onnx,int8}.mar in model_store/.
+model_store/pneumonia.mar: runs/export/model.onnx handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr/*.py)
+	$(PY) -m export.archive --export-dir runs/export --model-store model_store --version $(VERSION) \
+		--default $(DEFAULT_VARIANT)
+
+archive: setup model_store/pneumonia.mar
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -131,10 +131,24 @@ class XrayHandler(BaseHandler):
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[list[torch.Tensor] | RequestError]:
         """One entry per request: its image tensors, or the RequestError that refuses it."""
-        return [self._prepare_request(row) for row in data]
+        return [self._prepare_request(row, index) for index, row in enumerate(data)]
 
-    def _prepare_request(self, row: dict[str, Any]) -> list[torch.Tensor] | RequestError:
+    def _content_type(self, index: int) -> str:
         try:
+            headers = self.context.get_all_request_header(index) or {}
+        except Exception:  # noqa: BLE001 - fake contexts and older frontends have no headers
+            return ""
+        for name, value in headers.items():
+            if str(name).lower() == "content-type":
+                return str(value).lower()
+        return ""
+
+    def _prepare_request(self, row: dict[str, Any], index: int) -> list[torch.Tensor] | RequestError:
+        try:
+            if self._content_type(index).startswith("application/x-www-form-urlencoded"):
+                raise RequestError(415, "the image arrived as form data (Content-Type "
+                                        "application/x-www-form-urlencoded); send the raw bytes with "
+                                        "Content-Type: image/jpeg, image/png or application/octet-stream")
             images = extract_images(row)
             limit = self.settings["max_images_per_request"]
             if len(images) > limit:

@@ -27,6 +27,10 @@ class FakeContext:
         self.model_name = model_name
         self.metrics = None
         self.statuses: dict[int, tuple[int, str]] = {}
+        self.headers: dict[int, dict[str, str]] = {}
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers.get(idx, {})
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)

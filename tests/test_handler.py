@@ -184,6 +184,14 @@ def test_a_bad_request_fails_alone_in_its_batch(handler, xray_jpeg):
     assert after == alone and after_statuses == {}
 
 
+def test_form_encoded_body_is_named_as_the_problem(handler, xray_jpeg):
+    context = FakeContext(".", "model.pt")
+    context.headers[1] = {"Content-Type": "application/x-www-form-urlencoded"}
+    answers = handler.handle([{"body": xray_jpeg}, {"body": xray_jpeg}], context)
+    assert 0 not in context.statuses and answers[0]["label"]
+    assert context.statuses[1][0] == 415 and "form data" in context.statuses[1][1]
+
+
 def test_all_bad_batch_runs_no_model(handler):
     answers, statuses = run(handler, [{"body": b"x"}, {"body": b""}])
     assert [s[0] for s in statuses.values()] == [400, 400] and len(answers) == 2

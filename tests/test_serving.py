@@ -146,6 +146,11 @@ def test_bad_inputs_fail_alone_and_the_worker_survives(served, sample_paths):
     assert served.worker_pids("pneumonia") == pids_before  # no worker died or restarted
 
 
+def test_binary_sent_as_form_data_gets_a_4xx(served, sample_paths):
+    status, body = served.predict(sample_paths[0].read_bytes(), content_type="application/x-www-form-urlencoded")
+    assert 400 <= status < 500, body
+
+
 def test_oversized_body_is_refused_by_the_frontend(served):
     """A body over max_request_size (16 MiB) is refused from its Content-Length, before it is read."""
     with socket.create_connection(("127.0.0.1", served.ports["inference"]), timeout=30) as sock:
