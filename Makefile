@@ -8,7 +8,7 @@ export CXR_DATA
 
 MODEL ?= models/pneumonia/model.pt
 VERSION ?= 1.0
-DEFAULT_VARIANT ?= onnx
+DEFAULT_VARIANT ?= auto
 
 .PHONY: setup java serve stop test lint train train-candidates evaluate compare export archive clean
 

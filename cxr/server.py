@@ -66,8 +66,11 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
     (workdir / "key_file.json").unlink(missing_ok=True)
     config = write_config(workdir / "config.properties", model_store, ports, overrides)
     torchserve = Path(sys.executable).with_name("torchserve")
+    # TorchServe's launcher refuses to start while $TMPDIR/.model_server.pid names a live instance: a TMPDIR
+    # per working folder lets `make serve` and the tests' servers run side by side.
+    (workdir / "tmp").mkdir(exist_ok=True)
     environment = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
-                   "PYTHONPATH": "", "TS_DISABLE_SYSTEM_METRICS": "false"}
+                   "PYTHONPATH": "", "TMPDIR": str(workdir / "tmp")}
     environment["PATH"] = f"{torchserve.parent}{os.pathsep}{environment.get('PATH', '')}"
     command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(model_store.resolve()),
