@@ -10,7 +10,7 @@ MODEL ?= models/pneumonia/model.pt
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
 
-.PHONY: setup java serve stop test lint train train-candidates evaluate compare export archive clean
+.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive clean
 
 setup: $(STAMP) java
 
@@ -67,7 +67,14 @@ evaluate: setup
 		--output-dir $(or $(OUT),runs/evaluate)
 
 compare: setup
-	$(PY) -m training.compare runs/*/model.pt --output docs/model_comparison.md
+	$(PY) -m training.compare $(wildcard runs/*/model.pt) --output docs/model_comparison.md
+
+# Make runs/$(ARCH) the shipped default: its model.pt, and its curves and reports under docs/pneumonia/.
+ship:
+	test -n "$(ARCH)" && test -f runs/$(ARCH)/model.pt
+	mkdir -p models/pneumonia docs/pneumonia
+	cp runs/$(ARCH)/model.pt runs/$(ARCH)/metrics.json runs/$(ARCH)/metrics.csv models/pneumonia/
+	cp runs/$(ARCH)/curves.png runs/$(ARCH)/reports/*.md runs/$(ARCH)/reports/*.png docs/pneumonia/
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

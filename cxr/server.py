@@ -167,13 +167,15 @@ def main() -> None:
     if (args.workdir / "torchserve.pid").is_file():
         stop(args.workdir)
     models = dict(item.split("=", 1) for item in args.models)
+    started = time.monotonic()
     process = start(args.workdir, models, model_store=args.model_store)
     keys = read_keys(args.workdir.resolve())
     print(f"TorchServe pid {process.pid} serving {', '.join(models)} on 127.0.0.1 "
-          f"(inference 8080, management 8081, metrics 8082, gRPC 7070/7071)")
+          f"(inference 8080, management 8081, metrics 8082, gRPC 7070/7071), ready in "
+          f"{time.monotonic() - started:.1f} s; logs in {args.workdir.resolve() / 'logs'}")
     print(f"inference key: {keys['inference']}  (all keys: {args.workdir.resolve() / 'key_file.json'})")
-    print(f"try: curl -H 'Authorization: Bearer {keys['inference']}' -H 'Content-Type: image/jpeg' "
-          f"--data-binary @XRAY.jpeg http://127.0.0.1:8080/predictions/{next(iter(models))}")
+    print(f"try: curl -H 'Authorization: Bearer {keys['inference']}' -T XRAY.jpeg "
+          f"http://127.0.0.1:8080/predictions/{next(iter(models))}")
 
 
 if __name__ == "__main__":
