@@ -54,9 +54,9 @@ test: setup lint
 
 # The shipped default model, exactly as it was trained (see README "Training").
 train: setup
-	$(PY) -m training.train --arch $(or $(ARCH),mobilenet_v3_large) --image-size 128 --epochs 12 --batch-size 32 \
+	$(PY) -m training.train --arch $(or $(ARCH),resnet18) --image-size 128 --epochs 12 --batch-size 32 \
 		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
-		--output-dir runs/$(or $(ARCH),mobilenet_v3_large)
+		--output-dir runs/$(or $(ARCH),resnet18)
 
 # The architecture comparison: every candidate with the same budget, into runs/<arch>/.
 train-candidates: setup

@@ -93,7 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--formats", nargs="+", default=["torchscript", "onnx", "int8"],
                         choices=["torchscript", "onnx", "int8"])
     parser.add_argument("--check-images", default=0, type=int, help="val images for the checks (0: all)")
-    parser.add_argument("--calibration-images", default=256, type=int, help="training images for int8 calibration")
+    parser.add_argument("--calibration-images", default=512, type=int, help="training images for int8 calibration")
     parser.add_argument("--tolerance", default=1e-4, type=float, help="max probability difference for fp32")
     parser.add_argument("--int8-min-agreement", default=0.99, type=float)
     parser.add_argument("--int8-max-auc-drop", default=0.005, type=float)
@@ -163,7 +163,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     (output_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(table)
+        Path(args.report).write_text(f"# Export variants of `{args.checkpoint}`\n\nWritten by `make export` "
+                                     f"(`python -m export --report {args.report}`).\n\n{table}")
     if failures:
         print("export check failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         raise SystemExit(1)

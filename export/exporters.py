@@ -68,7 +68,11 @@ class _CalibrationReader:
 
 def quantize_onnx_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, calibration: np.ndarray,
                        batch_size: int = 16) -> Path:
-    """ONNX Runtime static int8 quantization (QDQ, per-channel int8 weights, uint8 activations)."""
+    """ONNX Runtime static int8 quantization (QDQ, per-channel int8 weights, uint8 activations).
+
+    The stem convolution and the classifier stay in fp32: quantizing them flipped 1.3% of the validation
+    labels of the default ResNet-18 at its threshold, keeping them fp32 flips 0.2% for the same speed-up.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -80,10 +84,13 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, ca
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
+        stem = next(node.name for node in graph.node if node.op_type == "Conv")
+        classifier = [node.name for node in graph.node if node.op_type in ("Gemm", "MatMul")]
         quantize_static(
             str(prepared), str(path), _CalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=[stem, *classifier],
         )
     quantized = onnx.load(str(path))
     _set_metadata(quantized, config)
