@@ -18,6 +18,7 @@ setup: $(STAMP) java
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m cxr.grpc_stubs
 	touch $@
 
 # TorchServe's frontend is Java: install Java 17 when no java is on the PATH.

@@ -10,6 +10,8 @@ import urllib.request
 import pytest
 
 from cxr import server
+from cxr.client import Client as CxrClient
+from cxr.client import PredictionError
 from export import __main__ as export_cli
 from export import archive as archive_cli
 from tests.conftest import SHIPPED_MODEL
@@ -199,3 +201,35 @@ def test_management_api_needs_its_own_key(served):
     assert served.request("/models", key="inference", api="management")[0] == 400
     status, body = served.request("/models", key="management", api="management")
     assert status == 200 and {m["modelName"] for m in body["models"]} == {"pneumonia", "pneumonia_eager"}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    client = CxrClient(served.keys, ports=served.ports, timeout=30)
+    yield client
+    client.close()
+
+
+def test_rest_and_grpc_give_the_same_answers(client, sample_paths):
+    assert client.ping("rest") == client.ping("grpc") == "Healthy"
+    for path in sample_paths[::4]:
+        data = path.read_bytes()
+        assert client.predict(data, protocol="grpc") == client.predict(data, protocol="rest")
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_client_errors_name_the_problem(served, client, protocol):
+    with pytest.raises(PredictionError) as refused:
+        client.predict(b"not an image", protocol=protocol)
+    assert refused.value.status == 400 and "not an image" in refused.value.message
+    wrong_key = CxrClient({"inference": "wrong", "management": "wrong"}, ports=served.ports, retries=0)
+    with pytest.raises(PredictionError) as unauthorised:
+        wrong_key.predict(b"x", protocol=protocol)
+    assert "Token Authorization failed" in unauthorised.value.message
+    wrong_key.close()
+
+
+def test_client_lists_models_with_workers(client):
+    listed = {entry["modelName"]: entry for entry in client.models()}
+    assert {"pneumonia", "pneumonia_eager"} <= set(listed)
+    assert listed["pneumonia"]["workers"] and listed["pneumonia"]["modelVersion"] == "1.0"

@@ -1,0 +1,136 @@
+"""A small client for our TorchServe: predictions and health over REST or gRPC, token-aware, with timeouts
+and retries on transient errors (connection refused, 503, gRPC UNAVAILABLE).
+
+    client = Client.from_key_file("logs/serve/key_file.json")
+    client.predict(open("xray.jpeg", "rb").read(), protocol="grpc")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cxr.server import DEFAULT_PORTS
+
+
+class PredictionError(Exception):
+    """The server refused a request; `status` is the HTTP status (gRPC errors are mapped to it)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+# TorchServe maps HTTP statuses to gRPC codes; this maps them back for one error type on both protocols.
+_GRPC_TO_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+                 "RESOURCE_EXHAUSTED": 413, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+                 "INTERNAL": 500, "FAILED_PRECONDITION": 422}
+
+
+class Client:
+    def __init__(self, keys: dict[str, str], host: str = "127.0.0.1", ports: dict[str, int] | None = None,
+                 timeout: float = 30.0, retries: int = 2) -> None:
+        self.keys, self.host = keys, host
+        self.ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.timeout, self.retries = timeout, retries
+        self._channels: dict[int, Any] = {}
+
+    @classmethod
+    def from_key_file(cls, path: str | Path = "logs/serve/key_file.json", **options: Any) -> Client:
+        keys = json.loads(Path(path).read_text())
+        return cls({"inference": keys["inference"]["key"], "management": keys["management"]["key"]}, **options)
+
+    # --- REST -------------------------------------------------------------------------------------------
+    def _rest(self, path: str, body: bytes | None = None, api: str = "inference", method: str | None = None,
+              content_type: str = "application/octet-stream") -> Any:
+        headers = {"Authorization": f"Bearer {self.keys[api]}"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        url = f"http://{self.host}:{self.ports[api]}{path}"
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(url, data=body, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:
+                text = error.read().decode(errors="replace")
+                if error.code == 503 and attempt < self.retries:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                try:
+                    payload = json.loads(text)
+                    message = payload.get("error") or payload.get("message") or text
+                except (ValueError, AttributeError):
+                    message = text
+                raise PredictionError(error.code, message) from error
+            except (urllib.error.URLError, ConnectionError) as error:
+                if attempt < self.retries:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise PredictionError(503, f"cannot reach {url}: {error}") from error
+        raise AssertionError("unreachable")
+
+    # --- gRPC -------------------------------------------------------------------------------------------
+    def _grpc_call(self, api: str, method: str, request: Any) -> Any:
+        import grpc
+
+        from cxr.grpc_stubs import load
+
+        stubs = load()
+        port = self.ports[f"grpc_{api}"]
+        if port not in self._channels:
+            self._channels[port] = grpc.insecure_channel(f"{self.host}:{port}")
+        module = stubs["inference_pb2_grpc" if api == "inference" else "management_pb2_grpc"]
+        service = getattr(module, "InferenceAPIsServiceStub" if api == "inference" else
+                          "ManagementAPIsServiceStub")(self._channels[port])
+        metadata = (("authorization", f"Bearer {self.keys[api]}"),)
+        for attempt in range(self.retries + 1):
+            try:
+                return getattr(service, method)(request, metadata=metadata, timeout=self.timeout)
+            except grpc.RpcError as error:
+                code = error.code().name
+                if code == "UNAVAILABLE" and attempt < self.retries:
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise PredictionError(_GRPC_TO_HTTP.get(code, 500), error.details() or code) from error
+        raise AssertionError("unreachable")
+
+    # --- calls ------------------------------------------------------------------------------------------
+    def predict(self, image: bytes, model: str = "pneumonia", version: str | None = None,
+                protocol: str = "rest") -> Any:
+        """The model's JSON answer for one encoded image (same shape on both protocols)."""
+        if protocol == "grpc":
+            from cxr.grpc_stubs import load
+
+            request = load()["inference_pb2"].PredictionsRequest(model_name=model, model_version=version or "",
+                                                                  input={"data": image})
+            answer = json.loads(self._grpc_call("inference", "Predictions", request).prediction)
+            # TorchServe's gRPC frontend returns a handler's per-request 4xx as an OK call with its body.
+            if isinstance(answer, dict) and "error" in answer and "code" in answer:
+                raise PredictionError(int(answer["code"]), answer["error"])
+            return answer
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self._rest(path, image)
+
+    def ping(self, protocol: str = "rest") -> str:
+        if protocol == "grpc":
+            from google.protobuf import empty_pb2
+
+            return json.loads(self._grpc_call("inference", "Ping", empty_pb2.Empty()).health)["status"]
+        return self._rest("/ping")["status"]
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every registered model with its versions and workers (management REST API)."""
+        listed = self._rest("/models", api="management")["models"]
+        return [entry for model in listed for entry in self._rest(f"/models/{model['modelName']}/all",
+                                                                  api="management")]
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
