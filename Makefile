@@ -15,9 +15,10 @@ DEFAULT_VARIANT ?= auto
 setup: $(STAMP) java
 
 # Re-installs only when requirements.txt changes; otherwise a no-op.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m cxr.grpc_stubs
 	touch $@
 

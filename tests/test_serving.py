@@ -4,12 +4,15 @@ import base64
 import concurrent.futures
 import json
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from cxr import server
+from cxr import cli, server
 from cxr.client import Client as CxrClient
 from cxr.client import PredictionError
 from export import __main__ as export_cli
@@ -31,8 +34,8 @@ def free_ports(count: int) -> list[int]:
 
 
 class Client:
-    def __init__(self, ports: dict[str, int], keys: dict[str, str]) -> None:
-        self.ports, self.keys = ports, keys
+    def __init__(self, ports: dict[str, int], keys: dict[str, str], workdir=None) -> None:
+        self.ports, self.keys, self.workdir = ports, keys, workdir
 
     def request(self, path: str, body: bytes | None = None, content_type: str = "image/jpeg",
                 key: str | None = "inference", api: str = "inference", method: str | None = None):
@@ -76,7 +79,7 @@ def served(tmp_path_factory, data_root):
     process = server.start(workdir, {"pneumonia": "pneumonia.mar", "pneumonia_eager": "pneumonia_eager.mar"},
                            model_store=store, ports=ports, timeout=240)
     try:
-        yield Client(ports, server.read_keys(workdir))
+        yield Client(ports, server.read_keys(workdir), workdir)
     finally:
         server.stop_process(process)
         for port in ports.values():  # nothing listens on our ports once the server is gone
@@ -233,3 +236,40 @@ def test_client_lists_models_with_workers(client):
     listed = {entry["modelName"]: entry for entry in client.models()}
     assert {"pneumonia", "pneumonia_eager"} <= set(listed)
     assert listed["pneumonia"]["workers"] and listed["pneumonia"]["modelVersion"] == "1.0"
+
+
+def run_cli(served, capsys, *arguments):
+    options = ["--key-file", str(served.workdir / "key_file.json"), "--port", str(served.ports["inference"]),
+               "--grpc-port", str(served.ports["grpc_inference"]),
+               "--management-port", str(served.ports["management"])]
+    code = cli.main([*options, *arguments])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_cli_predict_prints_one_answer_per_image(served, capsys, sample_paths, protocol):
+    images = [str(path) for path in sample_paths[:3]]
+    code, answers = run_cli(served, capsys, "predict", "--protocol", protocol, *images)
+    assert code == 0 and len(answers) == 3
+    for path, answer in zip(sample_paths[:3], answers, strict=True):
+        assert answer == served.predict(path.read_bytes())[1]
+
+
+def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample_paths, tmp_path):
+    junk = tmp_path / "junk.jpeg"
+    junk.write_bytes(b"not an x-ray")
+    code, answers = run_cli(served, capsys, "predict", str(sample_paths[0]), str(junk), str(tmp_path / "missing.png"))
+    assert code == 1
+    assert answers[0]["label"] in ("NORMAL", "PNEUMONIA")
+    assert answers[1]["code"] == 400 and "not an image" in answers[1]["error"] and answers[1]["file"] == str(junk)
+    assert answers[2]["code"] == 400 and "cannot read file" in answers[2]["error"]
+
+
+def test_cli_models_and_installed_entry_point(served, capsys):
+    code, listed = run_cli(served, capsys, "models")
+    assert code == 0 and {"pneumonia", "pneumonia_eager"} <= {entry["model"] for entry in listed}
+    installed = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--help"], capture_output=True, text=True)
+    assert installed.returncode == 0 and "predict" in installed.stdout
+    missing_key = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--key-file", "/nonexistent", "models"],
+                                 capture_output=True, text=True)
+    assert missing_key.returncode != 0 and "no key file" in missing_key.stderr

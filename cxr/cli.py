@@ -1,0 +1,77 @@
+"""`cxr`: the command-line client (installed into .venv/bin by `make setup`).
+
+    cxr predict [--protocol rest|grpc] [--model NAME] [--version V] IMAGE...
+    cxr models
+
+`predict` prints one JSON answer per image, in order, on its own line (the same JSON as the REST API); an
+image that fails prints {"file", "code", "error"} instead and makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cxr.client import Client, PredictionError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--key-file", default="logs/serve/key_file.json", help="TorchServe's key_file.json")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="inference port (REST) override")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC inference port override")
+    parser.add_argument("--management-port", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="classify X-ray image files")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--protocol", choices=["rest", "grpc"], default="rest")
+    predict.add_argument("--model", default="pneumonia")
+    predict.add_argument("--version", default=None)
+    commands.add_parser("models", help="list models, versions and workers")
+    return parser
+
+
+def _client(args: argparse.Namespace) -> Client:
+    ports = {name: port for name, port in (("inference", args.port), ("grpc_inference", args.grpc_port),
+                                           ("management", args.management_port)) if port}
+    key_file = Path(args.key_file)
+    if not key_file.is_file():
+        raise SystemExit(f"cxr: no key file at {key_file} (start the server with `make serve`, or pass --key-file)")
+    return Client.from_key_file(key_file, host=args.host, ports=ports, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    client = _client(args)
+    failures = 0
+    try:
+        if args.command == "models":
+            for entry in client.models():
+                workers = [f"{w['id']}:{w['status']}" for w in entry.get("workers", [])]
+                print(json.dumps({"model": entry["modelName"], "version": entry["modelVersion"],
+                                  "workers": workers, "batch_size": entry.get("batchSize"),
+                                  "max_batch_delay": entry.get("maxBatchDelay")}))
+            return 0
+        for path in args.images:
+            try:
+                answer = client.predict(path.read_bytes(), model=args.model, version=args.version,
+                                        protocol=args.protocol)
+            except OSError as error:
+                answer = {"file": str(path), "code": 400, "error": f"cannot read file: {error}"}
+                failures += 1
+            except PredictionError as error:
+                answer = {"file": str(path), "code": error.status, "error": error.message}
+                failures += 1
+            print(json.dumps(answer), flush=True)
+    finally:
+        client.close()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
