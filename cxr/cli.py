@@ -2,6 +2,9 @@
 
     cxr predict [--protocol rest|grpc] [--model NAME] [--version V] IMAGE...
     cxr models
+    cxr deploy ARCHIVE [--model NAME]     # new version next to the old, checked, made default, old retired
+    cxr rollback [--model NAME]           # bring back the version the last deploy retired
+    cxr scale WORKERS [--model NAME] [--version V]
 
 `predict` prints one JSON answer per image, in order, on its own line (the same JSON as the REST API); an
 image that fails prints {"file", "code", "error"} instead and makes the exit status 1.
@@ -14,7 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+from cxr import lifecycle
 from cxr.client import Client, PredictionError
+
+DEFAULT_SAMPLES = "../shared/data/samples"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,7 +39,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="pneumonia")
     predict.add_argument("--version", default=None)
     commands.add_parser("models", help="list models, versions and workers")
+    for name, text in (("deploy", "swap in a new archive version with no downtime"),
+                       ("rollback", "bring back the version that the last deploy retired")):
+        command = commands.add_parser(name, help=text)
+        if name == "deploy":
+            command.add_argument("archive", help="archive file name in the server's model store")
+        command.add_argument("--model", default="pneumonia")
+        command.add_argument("--workers", type=int, default=1)
+        command.add_argument("--samples", default=DEFAULT_SAMPLES, help="folder of X-rays the new version must answer")
+        command.add_argument("--history", default=None, help="deploy history file (default: next to the key file)")
+    scale = commands.add_parser("scale", help="set the number of workers")
+    scale.add_argument("workers", type=int)
+    scale.add_argument("--model", default="pneumonia")
+    scale.add_argument("--version", default=None)
     return parser
+
+
+def _samples(folder: str, limit: int = 8) -> list[bytes]:
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    if not paths:
+        raise SystemExit(f"cxr: no sample X-rays under {folder} to check the new version with (--samples)")
+    return [path.read_bytes() for path in paths[:: max(1, len(paths) // limit)][:limit]]
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -50,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     client = _client(args)
     failures = 0
     try:
+        if args.command in ("deploy", "rollback"):
+            history = Path(args.history) if args.history else Path(args.key_file).parent / "deployments.json"
+            samples = _samples(args.samples)
+            if args.command == "deploy":
+                result = lifecycle.deploy(client, args.model, args.archive, samples, history, args.workers)
+            else:
+                result = lifecycle.rollback(client, args.model, samples, history, args.workers)
+            print(json.dumps(result))
+            return 0
+        if args.command == "scale":
+            print(json.dumps(client.scale(args.model, args.workers, args.version)))
+            return 0
         if args.command == "models":
             for entry in client.models():
                 workers = [f"{w['id']}:{w['status']}" for w in entry.get("workers", [])]
@@ -68,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                 answer = {"file": str(path), "code": error.status, "error": error.message}
                 failures += 1
             print(json.dumps(answer), flush=True)
+    except (lifecycle.DeployError, PredictionError) as error:
+        print(f"cxr {args.command}: {error}", file=sys.stderr)
+        return 1
     finally:
         client.close()
     return 1 if failures else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,31 @@ class Client:
         listed = self._rest("/models", api="management")["models"]
         return [entry for model in listed for entry in self._rest(f"/models/{model['modelName']}/all",
                                                                   api="management")]
+
+    # --- management ------------------------------------------------------------------------------------
+    def describe(self, model: str, version: str = "all") -> list[dict[str, Any]]:
+        return self._rest(f"/models/{model}/{version}", api="management")
+
+    def register(self, archive: str, model: str, initial_workers: int = 1) -> Any:
+        """Register an archive of the model store (by file name) and wait until its workers are up."""
+        query = urllib.parse.urlencode({"url": archive, "model_name": model, "initial_workers": initial_workers,
+                                        "synchronous": "true"})
+        return self._rest(f"/models?{query}", b"", api="management", method="POST")
+
+    def set_default(self, model: str, version: str) -> Any:
+        return self._rest(f"/models/{model}/{version}/set-default", b"", api="management", method="PUT")
+
+    def unregister(self, model: str, version: str) -> Any:
+        return self._rest(f"/models/{model}/{version}", api="management", method="DELETE")
+
+    def scale(self, model: str, workers: int, version: str | None = None) -> Any:
+        query = urllib.parse.urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
+        path = f"/models/{model}" + (f"/{version}" if version else "")
+        return self._rest(f"{path}?{query}", b"", api="management", method="PUT")
+
+    def default_version(self, model: str) -> str:
+        """The version that `/predictions/<model>` (no version) goes to."""
+        return self._rest(f"/models/{model}", api="management")[0]["modelVersion"]
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -6,8 +6,11 @@ import json
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,9 @@ def served(tmp_path_factory, data_root):
          "--check-images", "48", "--calibration-images", "64", "--repeats", "1"]))
     archive_cli.main(archive_cli.get_args_parser().parse_args(
         ["--export-dir", str(export_dir), "--model-store", str(store), "--default", "onnx", "--version", "1.0"]))
+    archive_cli.main(archive_cli.get_args_parser().parse_args(  # a second version, for the swap test
+        ["--export-dir", str(export_dir), "--model-store", str(store), "--name", "pneumonia_v2", "--variants",
+         "onnx", "--default", "onnx", "--version", "2.0"]))
     names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     workdir = folder / "run"
@@ -273,3 +279,55 @@ def test_cli_models_and_installed_entry_point(served, capsys):
     missing_key = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--key-file", "/nonexistent", "models"],
                                  capture_output=True, text=True)
     assert missing_key.returncode != 0 and "no key file" in missing_key.stderr
+
+
+def test_swap_under_load_loses_no_request(served, capsys, sample_paths, tmp_path):
+    """A bounded load (4 client threads, at most 60 s and 4,000 requests) runs through a deploy of version
+    2.0 and a rollback to 1.0; every request must be answered 200."""
+    payloads = [path.read_bytes() for path in sample_paths[:8]]
+    stop, lock = threading.Event(), threading.Lock()
+    versions, failures, sent = Counter(), [], [0]
+
+    def load(offset: int) -> None:
+        deadline, index = time.monotonic() + 60, offset
+        while not stop.is_set() and time.monotonic() < deadline and sent[0] < 4000:
+            try:
+                status, body = served.predict(payloads[index % len(payloads)])
+            except OSError as error:  # a timeout or a reset is a lost request
+                status, body = 0, str(error)
+            index += 1
+            with lock:
+                sent[0] += 1
+                if status == 200:
+                    versions[body["version"]] += 1
+                else:
+                    failures.append((status, body))
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        options = ["--samples", str(sample_paths[0].parent.parent), "--history", str(tmp_path / "history.json")]
+        code, [deployed] = run_cli(served, capsys, "deploy", "pneumonia_v2.mar", *options)
+        assert code == 0 and (deployed["old_version"], deployed["new_version"]) == ("1.0", "2.0")
+        time.sleep(1.5)
+        code, [rolled_back] = run_cli(served, capsys, "rollback", *options)
+        assert code == 0 and (rolled_back["old_version"], rolled_back["new_version"]) == ("2.0", "1.0")
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    print(f"swap under load: {sent[0]} requests, {len(failures)} failed, answered by {dict(versions)}")
+    assert failures == []
+    assert versions["1.0"] > 0 and versions["2.0"] > 0 and sum(versions.values()) == sent[0]
+    assert [e["modelVersion"] for e in served.request("/models/pneumonia/all", key="management",
+                                                      api="management")[1]] == ["1.0"]
+
+
+def test_scale_workers_up_and_down(served, capsys):
+    for workers in (2, 1):
+        code, _ = run_cli(served, capsys, "scale", str(workers), "--model", "pneumonia_eager")
+        assert code == 0
+        assert len(served.worker_pids("pneumonia_eager")) == workers
