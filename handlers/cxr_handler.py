@@ -45,6 +45,15 @@ class RequestError(Exception):
         self.status = status
         self.message = message
 
+    @property
+    def reason(self) -> str:
+        """A short label for the rejection metric (bounded set, unlike the message)."""
+        for words, reason in (("empty", "empty"), ("not an image", "not_an_image"), ("truncated", "truncated"),
+                              ("base64", "bad_base64"), ("form data", "form_data")):
+            if words in self.message:
+                return reason
+        return {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(self.status, "bad_request")
+
 
 def _decode_base64(text: str) -> bytes:
     if text.startswith("data:") and "," in text:
@@ -120,14 +129,32 @@ class XrayHandler(BaseHandler):
         log.info("loaded %s (%s backend on %s)", model_path, self.backend.name, device)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        started = time.perf_counter()
         self.context = context
+        started = time.perf_counter()
         prepared = self.preprocess(data)
+        preprocessed = time.perf_counter()
         probabilities = self.inference(prepared)
+        inferred = time.perf_counter()
         output = self.postprocess(prepared, probabilities)
-        if getattr(context, "metrics", None) is not None:
-            context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2), None, "ms")
+        self._metric("add_time", "CxrPreprocessTime", round((preprocessed - started) * 1000, 3), {}, "ms")
+        self._metric("add_time", "CxrInferenceTime", round((inferred - preprocessed) * 1000, 3), {}, "ms")
         return output
+
+    def _metric(self, method: str, name: str, value: float, dimensions: dict[str, str], unit: str | None = None):
+        """Report a custom metric through TorchServe's metrics API (Prometheus on port 8082)."""
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            from ts.metrics.dimension import Dimension
+
+            dims = [Dimension(key, value) for key, value in dimensions.items()]
+            if unit is None:
+                getattr(metrics, method)(name, value, None, dims)
+            else:
+                getattr(metrics, method)(name, value, None, unit, dims)
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            log.exception("could not record metric %s", name)
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[list[torch.Tensor] | RequestError]:
         """One entry per request: its image tensors, or the RequestError that refuses it."""
@@ -200,9 +227,12 @@ class XrayHandler(BaseHandler):
         for index, item in enumerate(prepared):
             if isinstance(item, RequestError):
                 self._set_status(index, item.status, item.message)
+                self._metric("add_counter", "CxrRejected", 1, {"Reason": item.reason})
                 output.append({"code": item.status, "error": item.message})
                 continue
             answers = [self._answer(probabilities[cursor + k], labels[cursor + k]) for k in range(len(item))]
+            for answer in answers:
+                self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
             cursor += len(item)
             output.append(answers[0] if len(answers) == 1 else answers)
         return output

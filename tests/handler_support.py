@@ -15,6 +15,19 @@ from cxr.models import build_model
 from cxr.preprocessing import PreprocessConfig
 
 
+class RecordingMetrics:
+    """Stands in for TorchServe's metrics cache: remembers (method, name, value, dimensions)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, dict[str, str]]] = []
+
+    def add_counter(self, name, value, idx=None, dimensions=None):
+        self.calls.append(("counter", name, value, {d.name: d.value for d in dimensions or []}))
+
+    def add_time(self, name, value, idx=None, unit="ms", dimensions=None):
+        self.calls.append(("time", name, value, {d.name: d.value for d in dimensions or []}))
+
+
 class FakeContext:
     """What the handler reads from TorchServe's Context, plus a record of per-request statuses."""
 
@@ -25,7 +38,7 @@ class FakeContext:
                                    "modelVersion": version}}
         self.model_yaml_config = {"handler": settings or {}}
         self.model_name = model_name
-        self.metrics = None
+        self.metrics = RecordingMetrics()
         self.statuses: dict[int, tuple[int, str]] = {}
         self.headers: dict[int, dict[str, str]] = {}
 

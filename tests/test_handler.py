@@ -192,6 +192,16 @@ def test_form_encoded_body_is_named_as_the_problem(handler, xray_jpeg):
     assert context.statuses[1][0] == 415 and "form data" in context.statuses[1][1]
 
 
+def test_metrics_count_predictions_by_label_and_rejections_by_reason(handler, xray_jpeg):
+    context = FakeContext(".", "model.pt")
+    answers = handler.handle([{"body": xray_jpeg}, {"body": b""}, {"body": b"junk"}, {"body": xray_jpeg[:500]}],
+                             context)
+    calls = context.metrics.calls
+    assert [c[3]["Label"] for c in calls if c[1] == "CxrPredictions"] == [answers[0]["label"]]
+    assert sorted(c[3]["Reason"] for c in calls if c[1] == "CxrRejected") == ["empty", "not_an_image", "truncated"]
+    assert {c[1] for c in calls if c[0] == "time"} == {"CxrPreprocessTime", "CxrInferenceTime"}
+
+
 def test_all_bad_batch_runs_no_model(handler):
     answers, statuses = run(handler, [{"body": b"x"}, {"body": b""}])
     assert [s[0] for s in statuses.values()] == [400, 400] and len(answers) == 2

@@ -281,6 +281,18 @@ def test_cli_models_and_installed_entry_point(served, capsys):
     assert missing_key.returncode != 0 and "no key file" in missing_key.stderr
 
 
+def test_prometheus_metrics_count_labels_and_rejections(served, sample_paths):
+    served.predict(sample_paths[0].read_bytes())
+    served.predict(b"")
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.ports['metrics']}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("Cxr")]
+    assert any(line.startswith("CxrPredictions{") and 'ModelName="pneumonia"' in line for line in lines), lines
+    assert any(line.startswith("CxrRejected{") and 'Reason="empty"' in line for line in lines), lines
+    assert any(line.startswith("CxrInferenceTime{") for line in lines)
+    assert "ts_inference_requests_total" in text
+
+
 def test_swap_under_load_loses_no_request(served, capsys, sample_paths, tmp_path):
     """A bounded load (4 client threads, at most 60 s and 4,000 requests) runs through a deploy of version
     2.0 and a rollback to 1.0; every request must be answered 200."""
