@@ -62,6 +62,8 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> I
         if isinstance(source, (bytes, bytearray)):
             if len(source) == 0:
                 raise InvalidImageError("empty input: no image bytes were sent")
+            if is_dicom(source):
+                return load_dicom(bytes(source))
             stream: Any = io.BytesIO(source)
         else:
             stream = source
@@ -87,6 +89,59 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> I
     except Exception:  # noqa: BLE001 - a broken EXIF block must not refuse a decodable image
         pass
     return to_grayscale(image)
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry "DICM" after a 128-byte preamble."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def load_dicom(data: bytes) -> Image.Image:
+    """A DICOM X-ray as 8-bit grayscale: modality LUT (rescale slope/intercept), then the VOI window (or the
+    full stored range when there is none), then MONOCHROME1 inverted so that bone is bright as in JPEGs."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as error:
+        raise InvalidImageError("DICOM input needs pydicom (pip install pydicom)") from error
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types for broken files
+        raise InvalidImageError(f"unreadable DICOM file: {error}") from error
+    if "PixelData" not in dataset:
+        raise InvalidImageError("DICOM file has no pixel data: not an image")
+    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(
+            f"image too large: {columns}x{rows} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise InvalidImageError(f"cannot decode DICOM pixel data (transfer syntax {syntax}): {error}") from error
+    if int(dataset.get("SamplesPerPixel", 1)) != 1:
+        frame = pixels[0] if pixels.ndim == 4 else pixels
+        return to_grayscale(Image.fromarray(np.asarray(frame, dtype=np.uint8), mode="RGB"))
+    if pixels.ndim == 3:
+        pixels = pixels[0]  # multi-frame: the first frame
+    values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        center = float(np.atleast_1d(dataset.WindowCenter)[0])
+        width = max(float(np.atleast_1d(dataset.WindowWidth)[0]), 1.0)
+        low, high = center - width / 2.0, center + width / 2.0
+    elif "VOILUTSequence" in dataset:
+        values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+    else:
+        bits = int(dataset.get("BitsStored", 16))
+        signed = int(dataset.get("PixelRepresentation", 0)) == 1
+        stored = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
+        low, high = sorted((stored[0] * slope + intercept, stored[1] * slope + intercept))
+    scaled = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0) * 255.0
+    if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        scaled = 255.0 - scaled
+    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:

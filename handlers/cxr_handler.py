@@ -2,7 +2,7 @@
 TorchScript, ONNX Runtime fp32/int8), using the same `cxr.preprocessing` code as training.
 
 Request shapes accepted (each TorchServe request may carry one or several images):
-  - raw image bytes as the body (JPEG, PNG incl. 16-bit, TIFF, BMP; grayscale or colour);
+  - raw image bytes as the body (JPEG, PNG incl. 16-bit, TIFF, BMP, DICOM; grayscale or colour);
   - multipart/form-data with one image per field;
   - JSON: a base64 string, a list of them, or {"image"|"data"|"b64": ...}, {"instances"|"images": [...]}.
 One image gets one answer object; several images get a list, in order. A bad image fails its own request

@@ -271,6 +271,21 @@ def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample
     assert answers[2]["code"] == 400 and "cannot read file" in answers[2]["error"]
 
 
+def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
+    import numpy as np
+
+    from cxr.preprocessing import load_image
+    from tests.test_dicom import make_dicom
+
+    pixels = np.asarray(load_image(sample_paths[0]))
+    dicom = tmp_path / "xray.dcm"
+    dicom.write_bytes(make_dicom(pixels.astype(np.uint16) * 16, bits=12))
+    status, answer = served.predict(dicom.read_bytes(), content_type="application/dicom")
+    assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA")
+    code, [cli_answer] = run_cli(served, capsys, "predict", str(dicom))
+    assert code == 0 and cli_answer == answer
+
+
 def test_cli_models_and_installed_entry_point(served, capsys):
     code, listed = run_cli(served, capsys, "models")
     assert code == 0 and {"pneumonia", "pneumonia_eager"} <= {entry["model"] for entry in listed}
