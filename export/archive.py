@@ -20,7 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-SERVING_MODULES = ("__init__.py", "preprocessing.py", "models.py", "checkpoint.py", "backends.py", "metrics.py")
+SERVING_MODULES = ("__init__.py", "preprocessing.py", "models.py", "checkpoint.py", "backends.py", "metrics.py",
+                   "explain.py")
 VARIANTS = {"eager": "model.pt", "ts": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
 REPORT_NAMES = {"eager": "eager", "ts": "torchscript", "onnx": "onnx", "int8": "int8"}
 

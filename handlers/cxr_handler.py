@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
-from cxr.backends import load_backend
+from cxr.backends import TorchBackend, load_backend
+from cxr.explain import CAM_LAYERS, grad_cam, overlay_png
 from cxr.metrics import predict_labels
 from cxr.preprocessing import EvalPreset, InvalidImageError, PreprocessConfig, load_image
 
@@ -234,8 +235,38 @@ class XrayHandler(BaseHandler):
             for answer in answers:
                 self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
             cursor += len(item)
+            if self._explain_requested(index):
+                try:
+                    answers = self._explain(item, answers)
+                except RequestError as error:
+                    self._set_status(index, error.status, error.message)
+                    output.append({"code": error.status, "error": error.message})
+                    continue
             output.append(answers[0] if len(answers) == 1 else answers)
         return output
+
+    def _explain_requested(self, index: int) -> bool:
+        try:
+            return str(self.context.get_request_header(index, "explain")) == "True"
+        except Exception:  # noqa: BLE001 - fake contexts and predictions carry no such header
+            return False
+
+    def _explain(self, tensors: list[torch.Tensor], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Grad-CAM for each image's predicted class, with the eager model of this archive."""
+        if not isinstance(self.backend, TorchBackend) or self.backend.name != "eager" or \
+                self.config["arch"] not in CAM_LAYERS:
+            raise RequestError(501, f"this archive ({self.backend.name} backend) does not explain; send "
+                                    "explanations to the eager archive (pneumonia_eager)")
+        batch = torch.stack(tensors).to(self.backend.device)
+        targets = [self.class_names.index(answer["label"]) for answer in answers]
+        heatmaps = grad_cam(self.backend.model, self.config["arch"], batch, targets)
+        mean, std = self.config["preprocessing"]["mean"][0], self.config["preprocessing"]["std"][0]
+        explained = []
+        for tensor, heatmap, answer in zip(tensors, heatmaps, answers, strict=True):
+            gray = np.clip((tensor[0].numpy() * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
+            explained.append({**answer, "explained_class": answer["label"],
+                              "heatmap": np.round(heatmap, 3).tolist(), "overlay_png": overlay_png(gray, heatmap)})
+        return explained
 
     def _answer(self, probabilities: np.ndarray, label: int) -> dict[str, Any]:
         return {

@@ -45,6 +45,9 @@ class FakeContext:
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return self.headers.get(idx, {})
 
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.headers.get(idx, {}).get(key)
+
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
 

@@ -1,6 +1,7 @@
 """The TorchServe handler without a server: answers, encodings, batches and every kind of bad input."""
 
 import base64
+import io
 import json
 
 import numpy as np
@@ -200,6 +201,27 @@ def test_metrics_count_predictions_by_label_and_rejections_by_reason(handler, xr
     assert [c[3]["Label"] for c in calls if c[1] == "CxrPredictions"] == [answers[0]["label"]]
     assert sorted(c[3]["Reason"] for c in calls if c[1] == "CxrRejected") == ["empty", "not_an_image", "truncated"]
     assert {c[1] for c in calls if c[0] == "time"} == {"CxrPreprocessTime", "CxrInferenceTime"}
+
+
+def test_explanations_give_a_grad_cam_heatmap_and_overlay(handler, model_dir, tmp_path, xray_jpeg):
+    context = FakeContext(".", "model.pt")
+    context.headers[1] = {"explain": "True"}
+    answers = handler.handle([{"body": xray_jpeg}, {"body": xray_jpeg}], context)
+    assert "heatmap" not in answers[0]
+    explained = answers[1]
+    assert {k: explained[k] for k in answers[0]} == answers[0]
+    heatmap = np.asarray(explained["heatmap"])
+    assert heatmap.shape == (64, 64) and 0.0 <= heatmap.min() and heatmap.max() == pytest.approx(1.0, abs=1e-3)
+    overlay = Image.open(io.BytesIO(base64.b64decode(explained["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (256, 256)
+    checkpoint = load_checkpoint(model_dir / "model.pt")
+    model = build_model("resnet18", 2, 1)
+    model.load_state_dict(checkpoint["state_dict"])
+    export_torchscript(model.eval(), serving_config(checkpoint), tmp_path / "model.ts")
+    context = FakeContext(".", "model.ts")
+    context.headers[0] = {"explain": "True"}
+    [refused] = make_handler(tmp_path, "model.ts").handle([{"body": xray_jpeg}], context)
+    assert context.statuses[0][0] == 501 and "does not explain" in refused["error"]
 
 
 def test_all_bad_batch_runs_no_model(handler):

@@ -206,6 +206,15 @@ def test_remote_archive_urls_are_refused(served):
     assert 400 <= status < 500 and "evil" in json.dumps(body), body
 
 
+def test_explanations_over_rest(served, sample_paths):
+    data = sample_paths[-1].read_bytes()
+    status, explained = served.request("/explanations/pneumonia_eager", data)
+    assert status == 200 and explained["label"] in ("NORMAL", "PNEUMONIA")
+    assert len(explained["heatmap"]) == len(explained["heatmap"][0]) > 0 and explained["overlay_png"]
+    status, refused = served.request("/explanations/pneumonia", data)
+    assert status == 501 and "does not explain" in refused["error"]
+
+
 def test_management_api_needs_its_own_key(served):
     assert served.request("/models", key="inference", api="management")[0] == 400
     status, body = served.request("/models", key="management", api="management")

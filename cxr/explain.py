@@ -1,0 +1,80 @@
+"""Grad-CAM for the eager model: where the network looked for its predicted class."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+# The last convolutional stage of each architecture (its output feeds the pooling + classifier).
+CAM_LAYERS = {"resnet18": "layer4", "resnet34": "layer4", "mobilenet_v3_large": "features",
+              "efficientnet_b0": "features", "densenet121": "features"}
+
+
+def grad_cam(model: nn.Module, arch: str, batch: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """(N, H, W) heatmaps in [0, 1] at the input resolution, one per image, for class `targets[i]`."""
+    layer = model.get_submodule(CAM_LAYERS[arch])
+    captured: dict[str, torch.Tensor] = {}
+    hook = layer.register_forward_hook(lambda module, inputs, output: captured.__setitem__("maps", output))
+    try:
+        with torch.enable_grad():
+            logits = model(batch)
+            chosen = logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum()
+            gradients = torch.autograd.grad(chosen, captured["maps"])[0]
+    finally:
+        hook.remove()
+    maps = captured["maps"].detach()
+    cam = torch.relu((gradients.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
+    return (cam / peak).cpu().numpy()
+
+
+def overlay_png(gray: np.ndarray, heatmap: np.ndarray, size: int = 256, opacity: float = 0.5) -> str:
+    """Base64 PNG of the heatmap (black-red-yellow-white) blended over the grayscale image the model saw."""
+    base = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
+    heat = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR),
+                      dtype=np.float64) / 255.0
+    colour = np.stack([np.clip(3 * heat, 0, 1), np.clip(3 * heat - 1, 0, 1), np.clip(3 * heat - 2, 0, 1)], -1)
+    alpha = opacity * heat[..., None]
+    blended = (1 - alpha) * base[..., None] + alpha * colour
+    buffer = io.BytesIO()
+    Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def main() -> None:
+    """Write Grad-CAM overlays of image files: python -m cxr.explain --checkpoint CKPT --out-dir DIR IMAGE..."""
+    import argparse
+    from pathlib import Path
+
+    from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+    from cxr.preprocessing import EvalPreset, load_image
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--checkpoint", default="models/pneumonia/model.pt")
+    parser.add_argument("--out-dir", default="docs/explanations", type=Path)
+    args = parser.parse_args()
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
+    config = preprocess_config(checkpoint)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        tensor = preset(load_image(path))
+        with torch.no_grad():
+            probabilities = torch.softmax(model(tensor[None]), dim=1)[0]
+        target = int(probabilities.argmax())
+        heatmap = grad_cam(model, checkpoint["arch"], tensor[None], [target])[0]
+        gray = np.clip((tensor[0].numpy() * config.std[0] + config.mean[0]) * 255, 0, 255).astype(np.uint8)
+        name = f"{path.parent.name}_{path.stem}_as_{checkpoint['class_names'][target]}.png"
+        (args.out_dir / name).write_bytes(base64.b64decode(overlay_png(gray, heatmap)))
+        print(f"{path} -> {args.out_dir / name} (p={float(probabilities[target]):.3f})")
+
+
+if __name__ == "__main__":
+    main()
