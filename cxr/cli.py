@@ -2,6 +2,7 @@
 
     cxr predict [--protocol rest|grpc] [--model NAME] [--version V] IMAGE...
     cxr models
+    cxr explain IMAGE --out heatmap.png [--model pneumonia_eager]
     cxr deploy ARCHIVE [--model NAME]     # new version next to the old, checked, made default, old retired
     cxr rollback [--model NAME]           # bring back the version the last deploy retired
     cxr scale WORKERS [--model NAME] [--version V]
@@ -13,6 +14,7 @@ image that fails prints {"file", "code", "error"} instead and makes the exit sta
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -39,6 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="pneumonia")
     predict.add_argument("--version", default=None)
     commands.add_parser("models", help="list models, versions and workers")
+    explain = commands.add_parser("explain", help="Grad-CAM overlay of where the model looked")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--out", type=Path, required=True, help="PNG file for the overlay")
+    explain.add_argument("--model", default="pneumonia_eager", help="an eager archive (the others do not explain)")
     for name, text in (("deploy", "swap in a new archive version with no downtime"),
                        ("rollback", "bring back the version that the last deploy retired")):
         command = commands.add_parser(name, help=text)
@@ -84,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = lifecycle.rollback(client, args.model, samples, history, args.workers)
             print(json.dumps(result))
+            return 0
+        if args.command == "explain":
+            answer = client.explain(args.image.read_bytes(), model=args.model)
+            args.out.write_bytes(base64.b64decode(answer.pop("overlay_png")))
+            answer.pop("heatmap")
+            print(json.dumps({**answer, "overlay": str(args.out)}))
             return 0
         if args.command == "scale":
             print(json.dumps(client.scale(args.model, args.workers, args.version)))

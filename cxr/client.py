@@ -118,6 +118,11 @@ class Client:
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         return self._rest(path, image)
 
+    def explain(self, image: bytes, model: str = "pneumonia_eager") -> dict[str, Any]:
+        """Prediction plus Grad-CAM `heatmap` and base64 `overlay_png` (REST only: TorchServe 0.12's
+        inference.proto has no explanations call)."""
+        return self._rest(f"/explanations/{model}", image)
+
     def ping(self, protocol: str = "rest") -> str:
         if protocol == "grpc":
             from google.protobuf import empty_pb2

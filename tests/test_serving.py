@@ -215,6 +215,15 @@ def test_explanations_over_rest(served, sample_paths):
     assert status == 501 and "does not explain" in refused["error"]
 
 
+def test_cli_explain_writes_the_overlay(served, capsys, sample_paths, tmp_path):
+    out = tmp_path / "heatmap.png"
+    code, [answer] = run_cli(served, capsys, "explain", str(sample_paths[-1]), "--out", str(out))
+    assert code == 0 and answer["overlay"] == str(out) and answer["label"] in ("NORMAL", "PNEUMONIA")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _ = run_cli(served, capsys, "explain", str(sample_paths[-1]), "--out", str(out), "--model", "pneumonia")
+    assert code == 1  # the ONNX archive does not explain
+
+
 def test_management_api_needs_its_own_key(served):
     assert served.request("/models", key="inference", api="management")[0] == 400
     status, body = served.request("/models", key="management", api="management")
