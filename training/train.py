@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxr.checkpoint import load_checkpoint, save_checkpoint
+from cxr.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cxr.data import XrayFolder, collate_skip_invalid, manifest_sha256, resolve_data_root
-from cxr.metrics import choose_threshold, roc_auc
+from cxr.metrics import choose_threshold, classification_report, roc_auc
 from cxr.models import SUPPORTED_ARCHITECTURES, build_model, count_parameters
 from cxr.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
-from training.evaluate import evaluate_checkpoint, predict_dataset, write_report
+from training.evaluate import evaluate_checkpoint, positive_index, predict_dataset, write_report
 
 CSV_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_auc", "val_accuracy",
               "train_images_per_s", "epoch_seconds"]
@@ -275,22 +275,23 @@ def finalize(args: argparse.Namespace, output_dir: Path, data_root: Path, common
     """Choose the threshold on val with the best weights, then evaluate test once, and write model.pt."""
     best = load_checkpoint(output_dir / "best.pt")
     val_report, val_labels, val_probabilities = evaluate_checkpoint(best, data_root, "val", workers=args.workers)
-    positive = best["class_names"].index(best["positive_class"]) if best["positive_class"] is not None else None
+    positive = positive_index(best)
     threshold = None
     if positive is not None:
         threshold = choose_threshold(val_labels == positive, val_probabilities[:, positive], args.min_sensitivity)
         best["threshold"] = threshold
-        val_report, val_labels, val_probabilities = evaluate_checkpoint(best, data_root, "val", workers=args.workers)
+        # Same predictions, now scored at the chosen threshold (no second pass over val).
+        val_report = {**classification_report(val_labels, val_probabilities, best["class_names"],
+                                               positive_index=positive, threshold=threshold),
+                      "skipped_files": val_report["skipped_files"]}
     write_report(val_report, val_labels, val_probabilities, best["class_names"], output_dir / "reports", "val")
     metrics = {"val": _headline(val_report)}
     if not args.skip_test and (data_root / "test").is_dir():
         test_report, labels, probabilities = evaluate_checkpoint(best, data_root, "test", workers=args.workers)
         write_report(test_report, labels, probabilities, best["class_names"], output_dir / "reports", "test")
         metrics["test"] = _headline(test_report)
-    model = build_model(best["arch"], best["num_classes"], best["preprocessing"]["channels"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["state_dict"].items()})
-    save_checkpoint(output_dir / "model.pt", model, threshold=threshold, metrics=metrics, epoch=best["epoch"],
-                    half=args.half_checkpoint, **common)
+    save_checkpoint(output_dir / "model.pt", model_from_checkpoint(best), threshold=threshold, metrics=metrics,
+                    epoch=best["epoch"], half=args.half_checkpoint, **common)
     (output_dir / "metrics.json").write_text(json.dumps({"threshold": threshold, "best_epoch": best["epoch"],
                                                          **metrics}, indent=2) + "\n")
     shown = ("n", "roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "macro_auc")
