@@ -25,7 +25,12 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 class InvalidImageError(ValueError):
-    """The input cannot be turned into an X-ray tensor; the message names the problem."""
+    """The input cannot be turned into an X-ray tensor; the message names the problem and `kind` classifies
+    it (empty, not_an_image, truncated, too_large, unreadable) so callers need not parse the message."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> I
     else:
         if isinstance(source, (bytes, bytearray)):
             if len(source) == 0:
-                raise InvalidImageError("empty input: no image bytes were sent")
+                raise InvalidImageError("empty input: no image bytes were sent", "empty")
             if is_dicom(source):
                 return load_dicom(bytes(source))
             stream: Any = io.BytesIO(source)
@@ -70,7 +75,8 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> I
         try:
             image = Image.open(stream)
         except UnidentifiedImageError as error:
-            raise InvalidImageError("not an image: the bytes are not in a format Pillow can decode") from error
+            raise InvalidImageError("not an image: the bytes are not in a format Pillow can decode",
+                                    "not_an_image") from error
         except OSError as error:
             raise InvalidImageError(f"unreadable image: {error}") from error
     width, height = image.size
@@ -78,12 +84,12 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image) -> I
         raise InvalidImageError(f"image has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidImageError(
-            f"image too large: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+            f"image too large: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels", "too_large"
         )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidImageError(f"truncated or corrupt image data: {error}") from error
+        raise InvalidImageError(f"truncated or corrupt image data: {error}", "truncated") from error
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not refuse a decodable image
@@ -109,11 +115,11 @@ def load_dicom(data: bytes) -> Image.Image:
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for broken files
         raise InvalidImageError(f"unreadable DICOM file: {error}") from error
     if "PixelData" not in dataset:
-        raise InvalidImageError("DICOM file has no pixel data: not an image")
+        raise InvalidImageError("DICOM file has no pixel data: not an image", "not_an_image")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
     if rows * columns > MAX_IMAGE_PIXELS:
         raise InvalidImageError(
-            f"image too large: {columns}x{rows} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+            f"image too large: {columns}x{rows} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels", "too_large")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # noqa: BLE001

@@ -41,19 +41,13 @@ DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_i
 class RequestError(Exception):
     """A problem with one request: its HTTP status and a message that names the problem."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-
-    @property
-    def reason(self) -> str:
-        """A short label for the rejection metric (bounded set, unlike the message)."""
-        for words, reason in (("empty", "empty"), ("not an image", "not_an_image"), ("truncated", "truncated"),
-                              ("base64", "bad_base64"), ("form data", "form_data")):
-            if words in self.message:
-                return reason
-        return {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(self.status, "bad_request")
+        # A short label for the rejection metric (a bounded set, unlike the message).
+        self.reason = reason or {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(
+            status, "bad_request")
 
 
 def _decode_base64(text: str) -> bytes:
@@ -62,7 +56,7 @@ def _decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise RequestError(400, "text body is not base64-encoded image data") from error
+        raise RequestError(400, "text body is not base64-encoded image data", "bad_base64") from error
 
 
 def _images_from_json(value: Any) -> list[bytes]:
@@ -78,7 +72,7 @@ def _images_from_json(value: Any) -> list[bytes]:
             try:
                 images.extend(_images_from_json(item))
             except RequestError as error:
-                raise RequestError(error.status, f"image {index}: {error.message}") from error
+                raise RequestError(error.status, f"image {index}: {error.message}", error.reason) from error
         return images
     if isinstance(value, dict):
         for key in JSON_LIST_KEYS:
@@ -94,7 +88,7 @@ def _images_from_json(value: Any) -> list[bytes]:
 def extract_images(row: dict[str, Any]) -> list[bytes]:
     """The images of one TorchServe request row, as encoded bytes, in order."""
     if not isinstance(row, dict) or not row:
-        raise RequestError(400, "empty request: no image was sent")
+        raise RequestError(400, "empty request: no image was sent", "empty")
     values = [row["body"]] if "body" in row else ([row["data"]] if "data" in row else list(row.values()))
     images = []
     for value in values:
@@ -102,7 +96,7 @@ def extract_images(row: dict[str, Any]) -> list[bytes]:
             continue
         images.extend([bytes(value)] if isinstance(value, (bytes, bytearray)) else _images_from_json(value))
     if not images or all(len(image) == 0 for image in images):
-        raise RequestError(400, "empty request: no image bytes were sent")
+        raise RequestError(400, "empty request: no image bytes were sent", "empty")
     return images
 
 
@@ -176,7 +170,8 @@ class XrayHandler(BaseHandler):
             if self._content_type(index).startswith("application/x-www-form-urlencoded"):
                 raise RequestError(415, "the image arrived as form data (Content-Type "
                                         "application/x-www-form-urlencoded); send the raw bytes with "
-                                        "Content-Type: image/jpeg, image/png or application/octet-stream")
+                                        "Content-Type: image/jpeg, image/png or application/octet-stream",
+                                   "form_data")
             images = extract_images(row)
             limit = self.settings["max_images_per_request"]
             if len(images) > limit:
@@ -204,8 +199,8 @@ class XrayHandler(BaseHandler):
         try:
             image = load_image(data)
         except InvalidImageError as error:
-            status = 413 if "too large" in str(error) else 400
-            raise RequestError(status, f"{prefix}{error}") from error
+            reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
+            raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error
         width, height = image.size
         if min(width, height) < self.settings["min_side"]:
             raise RequestError(422, f"{prefix}image is {width}x{height} pixels; a chest X-ray needs at least "

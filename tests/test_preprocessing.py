@@ -130,16 +130,18 @@ def test_bad_bytes_are_refused_with_a_reason(data, message):
 
 def test_truncated_image_is_refused():
     data = encode(Image.fromarray(xray_like(), mode="L"), "JPEG", quality=90)
-    with pytest.raises(InvalidImageError, match="truncated"):
+    with pytest.raises(InvalidImageError, match="truncated") as refused:
         load_image(data[: len(data) // 2])
+    assert refused.value.kind == "truncated"
 
 
 def test_decompression_bomb_is_refused_before_decoding():
     side = int(MAX_IMAGE_PIXELS**0.5) + 100
     bomb = encode(Image.new("1", (side, side)), "PNG")  # a few kB that would decode to > 50 Mpx
     assert len(bomb) < 200_000
-    with pytest.raises(InvalidImageError, match="too large"):
+    with pytest.raises(InvalidImageError, match="too large") as refused:
         load_image(bomb)
+    assert refused.value.kind == "too_large"
 
 
 def test_real_xray_loads(sample_paths):
