@@ -34,6 +34,11 @@ def grad_cam(model: nn.Module, arch: str, batch: torch.Tensor, targets: list[int
     return (cam / peak).cpu().numpy()
 
 
+def model_view(tensor: torch.Tensor, mean: float, std: float) -> np.ndarray:
+    """The 8-bit grayscale image the model saw: its normalised input tensor mapped back to pixels."""
+    return np.clip((tensor[0].detach().cpu().numpy() * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
+
+
 def overlay_png(gray: np.ndarray, heatmap: np.ndarray, size: int = 256, opacity: float = 0.5) -> str:
     """Base64 PNG of the heatmap (black-red-yellow-white) blended over the grayscale image the model saw."""
     base = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
@@ -70,7 +75,7 @@ def main() -> None:
             probabilities = torch.softmax(model(tensor[None]), dim=1)[0]
         target = int(probabilities.argmax())
         heatmap = grad_cam(model, checkpoint["arch"], tensor[None], [target])[0]
-        gray = np.clip((tensor[0].numpy() * config.std[0] + config.mean[0]) * 255, 0, 255).astype(np.uint8)
+        gray = model_view(tensor, config.mean[0], config.std[0])
         name = f"{path.parent.name}_{path.stem}_as_{checkpoint['class_names'][target]}.png"
         (args.out_dir / name).write_bytes(base64.b64decode(overlay_png(gray, heatmap)))
         print(f"{path} -> {args.out_dir / name} (p={float(probabilities[target]):.3f})")

@@ -25,9 +25,9 @@ def _save_history(path: Path, history: dict[str, list[dict[str, str]]]) -> None:
     path.write_text(json.dumps(history, indent=2) + "\n")
 
 
-def _archive_of(client: Client, model: str, version: str) -> str:
-    entry = next(e for e in client.describe(model) if e["modelVersion"] == version)
-    return Path(entry["modelUrl"]).name
+def _entry(client: Client, model: str, version: str) -> dict[str, Any]:
+    """The management API's description of one version of `model`."""
+    return next(entry for entry in client.describe(model) if entry["modelVersion"] == version)
 
 
 def check_version(client: Client, model: str, version: str, samples: list[bytes]) -> None:
@@ -47,8 +47,7 @@ def drain(client: Client, model: str, version: str, grace: float = 2.0, timeout:
     TorchServe 0.12 drops jobs still assigned to a worker it scales down."""
     deadline, quiet = time.monotonic() + timeout, 0
     while quiet < 3 and time.monotonic() < deadline:
-        entry = next(e for e in client.describe(model) if e["modelVersion"] == version)
-        pending = entry.get("jobQueueStatus", {}).get("pendingRequests", 0)
+        pending = _entry(client, model, version).get("jobQueueStatus", {}).get("pendingRequests", 0)
         quiet = quiet + 1 if pending == 0 else 0
         time.sleep(0.2)
     time.sleep(grace)
@@ -78,7 +77,7 @@ def swap(client: Client, model: str, archive: str, samples: list[bytes], workers
 def deploy(client: Client, model: str, archive: str, samples: list[bytes], history_file: Path,
            workers: int = 1) -> dict[str, Any]:
     history = _load_history(history_file)
-    old_archive = _archive_of(client, model, client.default_version(model))
+    old_archive = Path(_entry(client, model, client.default_version(model))["modelUrl"]).name
     result = swap(client, model, archive, samples, workers)
     history.setdefault(model, []).append({"version": result["old_version"], "archive": old_archive})
     _save_history(history_file, history)

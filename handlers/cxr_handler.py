@@ -25,7 +25,7 @@ from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 from cxr.backends import TorchBackend, load_backend
-from cxr.explain import CAM_LAYERS, grad_cam, overlay_png
+from cxr.explain import CAM_LAYERS, grad_cam, model_view, overlay_png
 from cxr.metrics import predict_labels
 from cxr.preprocessing import EvalPreset, InvalidImageError, PreprocessConfig, load_image
 
@@ -222,9 +222,8 @@ class XrayHandler(BaseHandler):
         output, cursor = [], 0
         for index, item in enumerate(prepared):
             if isinstance(item, RequestError):
-                self._set_status(index, item.status, item.message)
                 self._metric("add_counter", "CxrRejected", 1, {"Reason": item.reason})
-                output.append({"code": item.status, "error": item.message})
+                output.append(self._refuse(index, item))
                 continue
             answers = [self._answer(probabilities[cursor + k], labels[cursor + k]) for k in range(len(item))]
             for answer in answers:
@@ -234,8 +233,7 @@ class XrayHandler(BaseHandler):
                 try:
                     answers = self._explain(item, answers)
                 except RequestError as error:
-                    self._set_status(index, error.status, error.message)
-                    output.append({"code": error.status, "error": error.message})
+                    output.append(self._refuse(index, error))
                     continue
             output.append(answers[0] if len(answers) == 1 else answers)
         return output
@@ -255,10 +253,10 @@ class XrayHandler(BaseHandler):
         batch = torch.stack(tensors).to(self.backend.device)
         targets = [self.class_names.index(answer["label"]) for answer in answers]
         heatmaps = grad_cam(self.backend.model, self.config["arch"], batch, targets)
-        mean, std = self.config["preprocessing"]["mean"][0], self.config["preprocessing"]["std"][0]
+        config = self.preset.config
         explained = []
         for tensor, heatmap, answer in zip(tensors, heatmaps, answers, strict=True):
-            gray = np.clip((tensor[0].numpy() * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
+            gray = model_view(tensor, config.mean[0], config.std[0])
             explained.append({**answer, "explained_class": answer["label"],
                               "heatmap": np.round(heatmap, 3).tolist(), "overlay_png": overlay_png(gray, heatmap)})
         return explained
@@ -273,10 +271,11 @@ class XrayHandler(BaseHandler):
             "threshold": self.threshold,
         }
 
-    def _set_status(self, index: int, status: int, message: str) -> None:
-        context = self.context
-        if context is not None and hasattr(context, "set_response_status"):
-            context.set_response_status(code=status, phrase=message, idx=index)
+    def _refuse(self, index: int, error: RequestError) -> dict[str, Any]:
+        """Give request `index` of the batch its own status; the body names the problem."""
+        if self.context is not None and hasattr(self.context, "set_response_status"):
+            self.context.set_response_status(code=error.status, phrase=error.message, idx=index)
+        return {"code": error.status, "error": error.message}
 
 
 _service = XrayHandler()
