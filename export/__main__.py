@@ -63,12 +63,15 @@ def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | No
             "auc": auc(candidate), "auc_drop": auc(reference) - auc(candidate)}
 
 
-def measure(path: Path, images: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+def load_timed(path: Path, threads: int) -> tuple[Any, float]:
+    """The backend for `path` on CPU and the seconds its loading took."""
     started = time.perf_counter()
     backend = load_backend(path, "cpu", threads=threads)
-    load_seconds = time.perf_counter() - started
-    speeds = {f"cpu_images_per_s_b{b}": images_per_second(backend.predict, images[:b], b, repeats) for b in (1, 8)}
-    return {"file_mb": path.stat().st_size / 1e6, "load_seconds": load_seconds, **speeds}
+    return backend, time.perf_counter() - started
+
+
+def measure(backend: Any, images: np.ndarray, repeats: int) -> dict[str, float]:
+    return {f"cpu_images_per_s_b{b}": images_per_second(backend.predict, images[:b], b, repeats) for b in (1, 8)}
 
 
 def markdown(rows: dict[str, dict[str, Any]], threads: int, check_source: str) -> str:
@@ -145,13 +148,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             calibration, _ = load_images(XrayFolder(data_root / "train", preset, checkpoint["class_names"]),
                                          args.calibration_images, 1, "calibration images")
             quantize_onnx_int8(fp32, path, calibration)
-        row = parity(reference, batched_predict(load_backend(path), val_images), val_labels, config)
+        backend, load_seconds = load_timed(path, args.threads)
+        row = parity(reference, batched_predict(backend, val_images), val_labels, config)
         if name == "int8":
             ok = row["label_agreement"] >= args.int8_min_agreement and row["auc_drop"] <= args.int8_max_auc_drop
         else:
             ok = row["max_abs_diff"] <= args.tolerance and row["label_agreement"] == 1.0
-        row.update(file=path.name, check="pass" if ok else "FAIL", **measure(path, val_images, args.threads,
-                                                                            args.repeats))
+        row.update(file=path.name, check="pass" if ok else "FAIL", file_mb=path.stat().st_size / 1e6,
+                   load_seconds=load_seconds, **measure(backend, val_images, args.repeats))
         rows[name] = row
         if not ok:
             numbers = {key: row[key] for key in ("max_abs_diff", "label_agreement", "auc_drop")}
