@@ -38,3 +38,23 @@ def test_readme_quotes_the_recorded_test_figures(checkpoint):
     recorded = checkpoint["metrics"]["test"]
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity"):
         assert f"{recorded[key]:.3f}" in readme, key
+
+
+def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, sample_paths):
+    """On the pneumonia samples it calls PNEUMONIA, more heat falls inside the lung fields than a uniform map's."""
+    import numpy as np
+    import torch
+
+    from cxr.checkpoint import model_from_checkpoint, preprocess_config
+    from cxr.explain import grad_cam, lung_heat_fraction, lung_prior
+    from cxr.preprocessing import EvalPreset, load_image
+
+    model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
+    positive = checkpoint["class_names"].index("PNEUMONIA")
+    batch = torch.stack([preset(load_image(path)) for path in sample_paths if path.parent.name == "PNEUMONIA"])
+    with torch.no_grad():
+        called = torch.softmax(model(batch), dim=1)[:, positive] >= checkpoint["threshold"]
+    heatmaps = grad_cam(model, checkpoint["arch"], batch[called], [positive] * int(called.sum()))
+    fractions = [lung_heat_fraction(heatmap) for heatmap in heatmaps]
+    assert len(fractions) >= 15
+    assert np.median(fractions) > 1.2 * lung_prior(heatmaps.shape[-1]).mean()
