@@ -1,7 +1,7 @@
 """One interface over the model files we serve: an eager checkpoint (`.pt`), TorchScript (`.ts`) and ONNX
 (`.onnx`, fp32 or int8). Each file carries its own serving config (class names, preprocessing, threshold),
-so the handler needs nothing but the file. `predict` takes a preprocessed float batch and returns softmax
-probabilities as a NumPy array.
+so the handler needs nothing but the file. `predict` takes a preprocessed float batch and returns calibrated
+softmax probabilities (logits divided by the checkpoint's fitted temperature) as a NumPy array.
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ import numpy as np
 import torch
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
+from cxr.metrics import softmax
 
 CONFIG_KEY = "cxr_config.json"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exponentials = np.exp(shifted)
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
 class TorchBackend:
@@ -36,13 +31,14 @@ class TorchBackend:
         if self.half:
             self.model = self.model.half()
         self.config = config
+        self.temperature = float(config.get("temperature", 1.0))
         self.name = name
 
     def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         batch = torch.as_tensor(batch).to(self.device)
         with torch.inference_mode():
             logits = self.model(batch.half() if self.half else batch)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
 
 class OnnxBackend:
@@ -66,13 +62,14 @@ class OnnxBackend:
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path}: ONNX file has no {CONFIG_KEY} metadata (export it with `python -m export`)")
         self.config = json.loads(metadata[CONFIG_KEY])
+        self.temperature = float(self.config.get("temperature", 1.0))
         self.name = "onnx"
         self.providers = self.session.get_providers()
 
     def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         array = batch.numpy() if isinstance(batch, torch.Tensor) else batch
         logits = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})[0]
-        return softmax(logits.astype(np.float64)).astype(np.float32)
+        return softmax(logits.astype(np.float64) / self.temperature).astype(np.float32)
 
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,

@@ -32,6 +32,7 @@ def save_checkpoint(
     positive_class: str | None,
     threshold: float | None,
     metrics: dict[str, Any],
+    temperature: float = 1.0,
     train_config: dict[str, Any],
     data_manifest_sha256: str,
     epoch: int,
@@ -50,6 +51,7 @@ def save_checkpoint(
         "positive_class": positive_class,
         "preprocessing": preprocessing.to_dict(),
         "threshold": None if threshold is None else float(threshold),
+        "temperature": float(temperature),
         "metrics": metrics,
         "train_config": train_config,
         "data_manifest_sha256": data_manifest_sha256,
@@ -60,6 +62,11 @@ def save_checkpoint(
     }
     if training_state is not None:
         checkpoint["training_state"] = training_state
+    return write_checkpoint(path, checkpoint)
+
+
+def write_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Atomic write (temporary file + rename), so a crash never leaves a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(path.suffix + ".tmp")
@@ -112,6 +119,7 @@ SERVING_KEYS = ("arch", "class_names", "positive_class", "threshold", "preproces
 def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """What a served model needs about itself; embedded in TorchScript and ONNX files so they stand alone."""
     config = {key: checkpoint[key] for key in SERVING_KEYS}
+    config["temperature"] = float(checkpoint.get("temperature", 1.0))  # 1.0: checkpoints from before calibration
     config["metrics"] = {
         split: {key: values[key] for key in ("roc_auc", "macro_auc", "accuracy", "sensitivity", "specificity")
                 if key in values}

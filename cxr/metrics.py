@@ -176,3 +176,70 @@ def classification_report(
             for key, values in samples.items()
         }
     return metrics
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): log-probabilities differ from logits by a constant per row."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-300, None))
+    return softmax(logits / temperature).astype(np.asarray(probabilities).dtype)
+
+
+def negative_log_likelihood(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    picked = np.asarray(probabilities, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.log(np.clip(picked, 1e-300, None)).mean())
+
+
+def fit_temperature(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T in [0.05, 20] minimising NLL, by golden-section search on
+    log T (NLL is unimodal in T). Changes no argmax; with two classes no ranking either (AUC unchanged)."""
+    def loss(log_t: float) -> float:
+        return negative_log_likelihood(y_true, apply_temperature(probabilities, float(np.exp(log_t))))
+
+    low, high = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(60):
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return float(np.exp((low + high) / 2))
+
+
+def reliability_bins(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    """Top-label confidence vs accuracy in equal-width confidence bins (empty bins left out)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    correct = predicted == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return [{"low": float(edges[k]), "high": float(edges[k + 1]), "n": int((which == k).sum()),
+             "confidence": float(confidence[which == k].mean()), "accuracy": float(correct[which == k].mean())}
+            for k in range(bins) if (which == k).any()]
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """ECE: the bin-size-weighted mean |accuracy - confidence| of the top label."""
+    rows = reliability_bins(y_true, probabilities, bins)
+    total = sum(row["n"] for row in rows)
+    return float(sum(row["n"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1))
+
+
+def brier_score(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean over images of the squared distance between the probability vector and the one-hot truth."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    one_hot = np.eye(probabilities.shape[1])[np.asarray(y_true)]
+    return float(((probabilities - one_hot) ** 2).sum(axis=1).mean())

@@ -4,7 +4,8 @@
 
 Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant). Each archive holds the model
 file (which embeds its class names, preprocessing and threshold), handlers/cxr_handler.py,
-handlers/model-config.yaml and the serving part of the `cxr` package, so train and serve share one preprocessing.
+handlers/model-config.yaml, the serving part of the `cxr` package (so train and serve share one preprocessing)
+and the out-of-distribution gate (`models/gate/ood_gate.pt`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 SERVING_MODULES = ("__init__.py", "preprocessing.py", "models.py", "checkpoint.py", "backends.py", "metrics.py",
-                   "explain.py")
+                   "explain.py", "gate.py")
+DEFAULT_GATE = REPO / "models" / "gate" / "ood_gate.pt"
 VARIANTS = {"eager": "model.pt", "ts": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
 REPORT_NAMES = {"eager": "eager", "ts": "torchscript", "onnx": "onnx", "int8": "int8"}
 
@@ -37,12 +39,17 @@ def fastest_exact_variant(export_dir: Path) -> str:
     return max(candidates, key=lambda variant: candidates[variant]["cpu_images_per_s_b8"])
 
 
-def stage_serving_code(folder: Path) -> Path:
-    """A folder holding `cxr/` with just the modules the handler imports (no training code)."""
+def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
+    """A folder holding `cxr/` with just the modules the handler imports (no training code), and the
+    out-of-distribution gate's checkpoint when one is given."""
     package = folder / "cxr"
     package.mkdir(parents=True)
     for name in SERVING_MODULES:
         shutil.copy2(REPO / "cxr" / name, package / name)
+    if gate is not None:
+        from cxr.gate import GATE_FILE
+
+        shutil.copy2(gate, folder / GATE_FILE)
     return folder
 
 
@@ -66,6 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default", default="auto", choices=["auto", *sorted(VARIANTS)],
                         help="variant packed as <name>.mar (auto: the fastest that matches eager)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--gate", default=str(DEFAULT_GATE),
+                        help="out-of-distribution gate checkpoint packed into every archive ('' for none)")
     return parser
 
 
@@ -82,7 +91,10 @@ def main(args: argparse.Namespace) -> list[Path]:
         print(f"skipping {args.name}_{variant}.mar: {export_dir / VARIANTS[variant]} was not exported")
     built = []
     with tempfile.TemporaryDirectory() as scratch:
-        staged = stage_serving_code(Path(scratch) / "extra")
+        gate = Path(args.gate) if args.gate else None
+        if gate is not None and not gate.is_file():
+            raise SystemExit(f"missing gate {gate} (train it with `make gate`, or pass --gate '')")
+        staged = stage_serving_code(Path(scratch) / "extra", gate)
         jobs = [(variant, f"{args.name}_{variant}") for variant in variants] + [(args.default, args.name)]
         for variant, archive_name in tqdm(jobs, desc="archives"):
             built.append(build_archive(export_dir / VARIANTS[variant], archive_name, args.version, model_store,

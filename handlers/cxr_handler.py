@@ -26,6 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from cxr.backends import TorchBackend, load_backend
 from cxr.explain import CAM_LAYERS, grad_cam, model_view, overlay_png
+from cxr.gate import GATE_FILE, OodGate
 from cxr.metrics import predict_labels
 from cxr.preprocessing import EvalPreset, InvalidImageError, PreprocessConfig, load_image
 
@@ -35,16 +36,18 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
 JSON_LIST_KEYS = ("instances", "images", "inputs")
 DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_image_bytes": 16 * 1024 * 1024,
-            "min_side": 64, "max_aspect_ratio": 4.0}
+            "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True}
 
 
 class RequestError(Exception):
     """A problem with one request: its HTTP status and a message that names the problem."""
 
-    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, status: int, message: str, reason: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.details = details or {}  # extra fields of the error body
         # A short label for the rejection metric (a bounded set, unlike the message).
         self.reason = reason or {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(
             status, "bad_request")
@@ -120,17 +123,23 @@ class XrayHandler(BaseHandler):
         self.model_name = getattr(context, "model_name", None) or manifest["model"].get("modelName")
         self.version = manifest["model"].get("modelVersion")
         self.manifest = manifest
+        gate_path = os.path.join(properties["model_dir"], GATE_FILE)
+        self.gate = OodGate.load(gate_path, device) if self.settings["ood_gate"] and os.path.exists(gate_path) \
+            else None
+        if self.settings["ood_gate"] and self.gate is None:
+            log.warning("ood_gate is on but the archive has no %s: every image will be classified", GATE_FILE)
         self.initialized = True
-        log.info("loaded %s (%s backend on %s)", model_path, self.backend.name, device)
+        log.info("loaded %s (%s backend on %s, gate %s)", model_path, self.backend.name, device,
+                 "on" if self.gate else "off")
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         self.context = context
         started = time.perf_counter()
         prepared = self.preprocess(data)
         preprocessed = time.perf_counter()
-        probabilities = self.inference(prepared)
+        probabilities, gate_scores = self.inference(prepared)
         inferred = time.perf_counter()
-        output = self.postprocess(prepared, probabilities)
+        output = self.postprocess(prepared, probabilities, gate_scores)
         self._metric("add_time", "CxrPreprocessTime", round((preprocessed - started) * 1000, 3), {}, "ms")
         self._metric("add_time", "CxrInferenceTime", round((inferred - preprocessed) * 1000, 3), {}, "ms")
         return output
@@ -210,22 +219,33 @@ class XrayHandler(BaseHandler):
                                     f"{self.settings['max_aspect_ratio']}:1 is not a chest X-ray")
         return self.preset(image)
 
-    def inference(self, prepared: list[list[torch.Tensor] | RequestError]) -> np.ndarray:
-        """One forward pass over every good image of every request in the batch."""
+    def inference(self, prepared: list[list[torch.Tensor] | RequestError]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass over every good image of every request in the batch, and the gate's scores
+        (probability of not being a chest X-ray; None when the gate is off)."""
         tensors = [tensor for item in prepared if not isinstance(item, RequestError) for tensor in item]
         if not tensors:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        return self.backend.predict(torch.stack(tensors))
+            return np.zeros((0, len(self.class_names)), dtype=np.float32), None
+        batch = torch.stack(tensors)
+        config = self.preset.config
+        gate_scores = self.gate.scores(batch, config.mean[0], config.std[0]).numpy() if self.gate else None
+        return self.backend.predict(batch), gate_scores
 
-    def postprocess(self, prepared: list[list[torch.Tensor] | RequestError], probabilities: np.ndarray) -> list[Any]:
+    def postprocess(self, prepared: list[list[torch.Tensor] | RequestError], probabilities: np.ndarray,
+                    gate_scores: np.ndarray | None = None) -> list[Any]:
         labels = predict_labels(probabilities, self.positive_index, self.threshold)
         output, cursor = [], 0
         for index, item in enumerate(prepared):
+            if not isinstance(item, RequestError):
+                scores = None if gate_scores is None else gate_scores[cursor:cursor + len(item)]
+                if scores is not None and (scores > self.gate.limit).any():
+                    cursor += len(item)
+                    item = self._not_an_xray(scores)
             if isinstance(item, RequestError):
                 self._metric("add_counter", "CxrRejected", 1, {"Reason": item.reason})
                 output.append(self._refuse(index, item))
                 continue
-            answers = [self._answer(probabilities[cursor + k], labels[cursor + k]) for k in range(len(item))]
+            answers = [self._answer(probabilities[cursor + k], labels[cursor + k],
+                                    None if scores is None else float(scores[k])) for k in range(len(item))]
             for answer in answers:
                 self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
             cursor += len(item)
@@ -237,6 +257,14 @@ class XrayHandler(BaseHandler):
                     continue
             output.append(answers[0] if len(answers) == 1 else answers)
         return output
+
+    def _not_an_xray(self, scores: np.ndarray) -> RequestError:
+        """422 for a request with an image the gate refuses; the body gives the score that decided it."""
+        worst = int(scores.argmax())
+        details = {"gate_score": round(float(scores[worst]), 4), "gate_limit": round(self.gate.limit, 4)}
+        if len(scores) > 1:
+            details["image"] = worst
+        return RequestError(422, "not a chest X-ray", "not_a_chest_xray", details)
 
     def _explain_requested(self, index: int) -> bool:
         try:
@@ -261,7 +289,9 @@ class XrayHandler(BaseHandler):
                               "heatmap": np.round(heatmap, 3).tolist(), "overlay_png": overlay_png(gray, heatmap)})
         return explained
 
-    def _answer(self, probabilities: np.ndarray, label: int) -> dict[str, Any]:
+    def _answer(self, probabilities: np.ndarray, label: int, gate_score: float | None = None) -> dict[str, Any]:
+        gate = {"ran": False} if gate_score is None else \
+            {"ran": True, "score": round(gate_score, 4), "limit": round(self.gate.limit, 4)}
         return {
             "model": self.model_name,
             "version": self.version,
@@ -269,13 +299,14 @@ class XrayHandler(BaseHandler):
             "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities,
                                                                             strict=True)},
             "threshold": self.threshold,
+            "gate": gate,
         }
 
     def _refuse(self, index: int, error: RequestError) -> dict[str, Any]:
         """Give request `index` of the batch its own status; the body names the problem."""
         if self.context is not None and hasattr(self.context, "set_response_status"):
             self.context.set_response_status(code=error.status, phrase=error.message, idx=index)
-        return {"code": error.status, "error": error.message}
+        return {"code": error.status, "error": error.message, **error.details}
 
 
 _service = XrayHandler()

@@ -47,7 +47,8 @@ def xray_jpeg():
 def test_answer_shape(handler, xray_jpeg):
     [answer], statuses = run(handler, [{"body": xray_jpeg}])
     assert statuses == {}
-    assert set(answer) == {"model", "version", "label", "probabilities", "threshold"}
+    assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
+    assert answer["gate"] == {"ran": False}  # this test archive carries no gate
     assert answer["model"] == "pneumonia" and answer["version"] == "1.0"
     assert list(answer["probabilities"]) == ["NORMAL", "PNEUMONIA"]
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)

@@ -5,12 +5,18 @@ import pytest
 from sklearn import metrics as skm
 
 from cxr.metrics import (
+    apply_temperature,
     average_precision,
+    brier_score,
     choose_threshold,
     classification_report,
     confusion_matrix,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
     roc_auc,
     roc_curve,
+    softmax,
 )
 
 
@@ -94,3 +100,47 @@ def test_choose_threshold_is_the_highest_meeting_the_target(binary_scores, targe
 def test_choose_threshold_needs_positives():
     with pytest.raises(ValueError):
         choose_threshold(np.zeros(5), np.linspace(0, 1, 5))
+
+
+def _overconfident(temperature: float, n: int = 4000, classes: int = 3, seed: int = 0):
+    """Labels drawn from softmax(z); the 'model' reports softmax(z * temperature) (overconfident for T > 1)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (n, classes))
+    true_probabilities = softmax(logits)
+    labels = np.array([rng.choice(classes, p=p) for p in true_probabilities])
+    return labels, true_probabilities, softmax(logits * temperature)
+
+
+def test_fit_temperature_recovers_a_known_overconfidence():
+    labels, _, reported = _overconfident(3.0)
+    assert fit_temperature(labels, reported) == pytest.approx(3.0, rel=0.1)
+    labels, _, honest = _overconfident(1.0, seed=1)
+    assert fit_temperature(labels, honest) == pytest.approx(1.0, rel=0.1)
+
+
+def test_temperature_keeps_rankings_and_improves_calibration():
+    labels, _, reported = _overconfident(3.0)
+    temperature = fit_temperature(labels, reported)
+    calibrated = apply_temperature(reported, temperature)
+    assert np.array_equal(calibrated.argmax(axis=1), reported.argmax(axis=1))
+    binary_labels, _, binary = _overconfident(3.0, classes=2)
+    scaled = apply_temperature(binary, 2.0)  # two classes: the ranking (so the AUC) cannot change
+    assert roc_auc(binary_labels == 1, scaled[:, 1]) == pytest.approx(roc_auc(binary_labels == 1, binary[:, 1]))
+    assert expected_calibration_error(labels, calibrated) < 0.5 * expected_calibration_error(labels, reported)
+    assert brier_score(labels, calibrated) < brier_score(labels, reported)
+    assert negative_log_likelihood(labels, calibrated) < negative_log_likelihood(labels, reported)
+    assert apply_temperature(reported, 1.0) is reported
+
+
+def test_brier_and_ece_match_their_definitions():
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(0)
+    p = rng.random(500)
+    labels = (rng.random(500) < p).astype(int)
+    probabilities = np.stack([1 - p, p], axis=1)
+    # Our Brier sums over both classes: twice scikit-learn's binary Brier.
+    assert brier_score(labels, probabilities) == pytest.approx(2 * brier_score_loss(labels, p))
+    confident = np.array([[0.9, 0.1]] * 10)
+    assert expected_calibration_error(np.array([0] * 9 + [1]), confident) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(np.array([0] * 5 + [1] * 5), confident) == pytest.approx(0.4)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr.data import XrayFolder, collate_skip_invalid, resolve_data_root
-from cxr.metrics import classification_report, roc_curve
+from cxr.metrics import apply_temperature, classification_report, roc_curve
 from cxr.preprocessing import EvalPreset
 
 
@@ -63,7 +63,8 @@ def evaluate_checkpoint(
     checkpoint: dict[str, Any], data_root: Path, split: str, *, batch_size: int = 64, workers: int = 1,
     bootstrap: int = 1000,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Metrics of `checkpoint` on `data_root/split` at the checkpoint's threshold."""
+    """Metrics of `checkpoint` on `data_root/split` at the checkpoint's threshold, on probabilities calibrated
+    with its temperature (as served)."""
     model = model_from_checkpoint(checkpoint)
     dataset = XrayFolder(
         data_root / split, EvalPreset(preprocess_config(checkpoint)), class_names=checkpoint["class_names"]
@@ -71,6 +72,7 @@ def evaluate_checkpoint(
     labels, probabilities, _ = predict_dataset(
         model, dataset, batch_size=batch_size, workers=workers, progress=f"eval {split}"
     )
+    probabilities = apply_temperature(probabilities, float(checkpoint.get("temperature", 1.0)))
     report = classification_report(
         labels, probabilities, checkpoint["class_names"], positive_index=positive_index(checkpoint),
         threshold=checkpoint.get("threshold"), bootstrap=bootstrap,

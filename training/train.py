@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cxr.data import XrayFolder, collate_skip_invalid, manifest_sha256, resolve_data_root
-from cxr.metrics import choose_threshold, classification_report, roc_auc
+from cxr.metrics import roc_auc
 from cxr.models import SUPPORTED_ARCHITECTURES, build_model, count_parameters
 from cxr.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
-from training.evaluate import evaluate_checkpoint, positive_index, predict_dataset, write_report
+from training.calibrate import calibrate
+from training.evaluate import predict_dataset, write_report
 
 CSV_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_auc", "val_accuracy",
               "train_images_per_s", "epoch_seconds"]
@@ -272,32 +273,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finalize(args: argparse.Namespace, output_dir: Path, data_root: Path, common: dict[str, Any]) -> dict[str, Any]:
-    """Choose the threshold on val with the best weights, then evaluate test once, and write model.pt."""
+    """With the best weights: fit the temperature on val, choose the threshold on the calibrated val
+    probabilities, evaluate test once, and write model.pt with reports (incl. reliability diagrams)."""
     best = load_checkpoint(output_dir / "best.pt")
-    val_report, val_labels, val_probabilities = evaluate_checkpoint(best, data_root, "val", workers=args.workers)
-    positive = positive_index(best)
-    threshold = None
-    if positive is not None:
-        threshold = choose_threshold(val_labels == positive, val_probabilities[:, positive], args.min_sensitivity)
-        best["threshold"] = threshold
-        # Same predictions, now scored at the chosen threshold (no second pass over val).
-        val_report = {**classification_report(val_labels, val_probabilities, best["class_names"],
-                                               positive_index=positive, threshold=threshold),
-                      "skipped_files": val_report["skipped_files"]}
-    write_report(val_report, val_labels, val_probabilities, best["class_names"], output_dir / "reports", "val")
-    metrics = {"val": _headline(val_report)}
-    if not args.skip_test and (data_root / "test").is_dir():
-        test_report, labels, probabilities = evaluate_checkpoint(best, data_root, "test", workers=args.workers)
-        write_report(test_report, labels, probabilities, best["class_names"], output_dir / "reports", "test")
-        metrics["test"] = _headline(test_report)
+    splits = ("val",) if args.skip_test or not (data_root / "test").is_dir() else ("val", "test")
+    calibration, scored = calibrate(best, data_root, min_sensitivity=args.min_sensitivity, workers=args.workers,
+                                    report_dir=output_dir / "reports", splits=splits)
+    for split, (report, labels, probabilities) in scored.items():
+        write_report(report, labels, probabilities, best["class_names"], output_dir / "reports", split)
+    metrics, threshold, temperature = best["metrics"], best["threshold"], best["temperature"]
     save_checkpoint(output_dir / "model.pt", model_from_checkpoint(best), threshold=threshold, metrics=metrics,
-                    epoch=best["epoch"], half=args.half_checkpoint, **common)
-    (output_dir / "metrics.json").write_text(json.dumps({"threshold": threshold, "best_epoch": best["epoch"],
-                                                         **metrics}, indent=2) + "\n")
-    shown = ("n", "roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "macro_auc")
-    print(json.dumps({"threshold": threshold, **{split: {k: v for k, v in values.items() if k in shown}
-                                                for split, values in metrics.items()}}, indent=2))
-    return {"threshold": threshold, **metrics}
+                    temperature=temperature, epoch=best["epoch"], half=args.half_checkpoint, **common)
+    (output_dir / "metrics.json").write_text(json.dumps({"threshold": threshold, "temperature": temperature,
+                                                         "best_epoch": best["epoch"], **metrics}, indent=2) + "\n")
+    shown = ("n", "roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "macro_auc", "ece")
+    print(json.dumps({"threshold": threshold, "temperature": temperature,
+                      **{split: {k: v for k, v in values.items() if k in shown} for split, values in metrics.items()
+                         if isinstance(values, dict)}}, indent=2))
+    return {"threshold": threshold, "temperature": calibration["temperature"], **metrics}
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
