@@ -10,7 +10,7 @@ MODEL ?= models/pneumonia/model.pt
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
 
-.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive clean
+.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate clean
 
 setup: $(STAMP) java
 
@@ -42,7 +42,8 @@ export: setup
 	$(PY) -m export --checkpoint $(MODEL) --output-dir runs/export --report docs/export.md
 
 # pneumonia.mar (the default variant) and pneumonia_{eager,ts,onnx,int8}.mar in model_store/.
-model_store/pneumonia.mar: runs/export/model.onnx handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr/*.py)
+model_store/pneumonia.mar: runs/export/model.onnx models/gate/ood_gate.pt handlers/cxr_handler.py handlers/model-config.yaml \
+		$(wildcard cxr/*.py)
 	$(PY) -m export.archive --export-dir runs/export --model-store model_store --version $(VERSION) \
 		--default $(DEFAULT_VARIANT)
 
@@ -63,6 +64,14 @@ train: setup
 # The architecture comparison: every candidate with the same budget, into runs/<arch>/.
 train-candidates: setup
 	PYTHON=$(PY) training/train_candidates.sh
+
+# Temperature scaling on val + the threshold re-chosen on calibrated probabilities (training does this itself).
+calibrate: setup
+	$(PY) -m training.calibrate --checkpoint $(MODEL) --report-dir $(or $(OUT),docs/pneumonia)
+
+# The out-of-distribution gate packed into every archive, fitted on the train X-rays of both datasets.
+gate: setup
+	$(PY) -m training.fit_gate --data ../shared/data/pneumonia --data ../shared/data/multiclass
 
 evaluate: setup
 	$(PY) -m training.evaluate --checkpoint $(or $(CHECKPOINT),models/pneumonia/model.pt) --split test \

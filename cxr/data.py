@@ -81,7 +81,7 @@ class XrayFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
         path, target = self.samples[index]
         try:
-            image = load_image(path)
+            image = load_image(path, getattr(self.transform, "decode_size", None))
         except (InvalidImageError, OSError) as error:
             log.warning("skipping unreadable image %s: %s", path, error)
             self.skipped.append(str(path))

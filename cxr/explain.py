@@ -88,7 +88,7 @@ def main() -> None:
     config = preprocess_config(checkpoint)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:
-        tensor = preset(load_image(path))
+        tensor = preset(load_image(path, preset.decode_size))
         with torch.no_grad():
             probabilities = torch.softmax(model(tensor[None]), dim=1)[0]
         target = int(probabilities.argmax())

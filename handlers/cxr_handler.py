@@ -206,7 +206,7 @@ class XrayHandler(BaseHandler):
             raise RequestError(415, f"{prefix}unsupported image type {image_format}; send one of "
                                     f"{', '.join(ACCEPTED_FORMATS)}")
         try:
-            image = load_image(data)
+            image = load_image(data, self.preset.decode_size)
         except InvalidImageError as error:
             reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
             raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error

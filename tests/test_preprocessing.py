@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from cxr.preprocessing import (
     MAX_IMAGE_PIXELS,
@@ -148,3 +148,21 @@ def test_real_xray_loads(sample_paths):
     image = load_image(sample_paths[0])
     assert image.mode == "L"
     assert preprocess(sample_paths[0], CONFIG).shape == (1, 96, 96)
+
+
+def test_large_jpegs_decode_at_reduced_size_close_to_a_full_decode():
+    """Draft mode: a 2,000 px JPEG is decoded at 1/4 scale (still >= twice the model input) and the model input
+    it gives stays within a few grey levels of the full decode's."""
+    from tests.handler_support import encode, synthetic_xray
+
+    config = PreprocessConfig(image_size=128)
+    preset = EvalPreset(config)
+    data = encode(Image.fromarray(synthetic_xray(2000, 1800), mode="L").filter(ImageFilter.GaussianBlur(2)), "JPEG",
+                  quality=90)
+    drafted, full = load_image(data, preset.decode_size), load_image(data)
+    assert full.size == (2000, 1800) and drafted.size == (500, 450)
+    assert min(drafted.size) >= preset.decode_size
+    difference = (preset(drafted) - preset(full)).abs() * config.std[0] * 255
+    assert float(difference.mean()) < 1.0 and float(difference.max()) < 12
+    png = encode(Image.fromarray(synthetic_xray(2000, 1800), mode="L"), "PNG")
+    assert load_image(png, preset.decode_size).size == (2000, 1800)  # only JPEGs have a draft mode

@@ -107,8 +107,9 @@ def test_every_sample_xray_gets_an_answer(served, sample_paths):
     for path in sample_paths:
         status, answer = served.predict(path.read_bytes())
         assert status == 200, (path, answer)
-        assert set(answer) == {"model", "version", "label", "probabilities", "threshold"}
+        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
         assert answer["model"] == "pneumonia" and answer["version"] == "1.0"
+        assert answer["gate"]["ran"] and answer["gate"]["score"] <= answer["gate"]["limit"]
         assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         correct += answer["label"] == path.parent.name
     if SHIPPED_MODEL.is_file():
@@ -154,6 +155,24 @@ def test_bad_inputs_fail_alone_and_the_worker_survives(served, sample_paths):
             assert body["error"] and body["code"] == status
     assert len(results) == len(jobs)  # nothing lost
     assert served.worker_pids("pneumonia") == pids_before  # no worker died or restarted
+
+
+def test_a_photograph_is_refused_as_not_a_chest_xray(served, sample_paths):
+    """The gate inside the archive: a photo gets a 422 naming the problem, while an X-ray sent at the same
+    time (same dynamic batch, most likely) is answered."""
+    from tests.handler_support import encode
+    from training.not_xrays import bundled_images
+
+    photo = next(image for source, _, image in bundled_images() if source == "skimage/coffee")
+    jobs = [encode(photo.convert("RGB"), "JPEG"), sample_paths[0].read_bytes()] * 4
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(served.predict, jobs))
+    for index, (status, body) in enumerate(results):
+        if index % 2 == 0:
+            assert status == 422 and body["error"] == "not a chest X-ray", body
+            assert body["gate_score"] > body["gate_limit"]
+        else:
+            assert status == 200 and body["gate"]["ran"], body
 
 
 def test_binary_sent_as_form_data_is_refused(served, sample_paths):
