@@ -10,7 +10,7 @@ MODEL ?= models/pneumonia/model.pt
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
 
-.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate clean
+.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench clean
 
 setup: $(STAMP) java
 
@@ -60,6 +60,17 @@ train: setup
 	$(PY) -m training.train --arch $(or $(ARCH),resnet18) --image-size 128 --epochs 12 --batch-size 32 \
 		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
 		--output-dir runs/$(or $(ARCH),resnet18)
+
+# Locust, headless, against the server of `make serve` (loopback only). Override DURATION, USERS, SPAWN,
+# PROTOCOL (rest|grpc), NAME (model). Reports go to logs/loadtest/<run>/.
+loadtest: setup
+	$(PY) -m loadtest.run --duration $(or $(DURATION),60) --users $(or $(USERS),8) --spawn-rate $(or $(SPAWN),8) \
+		--protocol $(or $(PROTOCOL),rest) --model $(or $(NAME),pneumonia)
+
+# The benchmark matrix (model-only, TorchServe end to end, naive FastAPI baseline) -> docs/benchmarks.md.
+bench: setup model_store/pneumonia.mar
+	$(PY) -m loadtest.bench --export-dir runs/export --model-store model_store --output docs/benchmarks.md \
+		$(BENCH_ARGS)
 
 # The architecture comparison: every candidate with the same budget, into runs/<arch>/.
 train-candidates: setup

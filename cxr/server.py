@@ -74,7 +74,7 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
     environment["PATH"] = f"{torchserve.parent}{os.pathsep}{environment.get('PATH', '')}"
     command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(model_store.resolve()),
-               "--models", *[f"{name}={archive}" for name, archive in models.items()]]
+               *(["--models", *[f"{name}={archive}" for name, archive in models.items()]] if models else [])]
     with open(workdir / "torchserve.out", "ab") as output:
         process = subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)
@@ -90,8 +90,10 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
 
 def wait_ready(workdir: Path, management_port: int, names: list[str], process: subprocess.Popen,
                timeout: float) -> None:
+    """Until the management API answers (with the key TorchServe wrote) and every named model's workers are
+    READY."""
     deadline = time.monotonic() + timeout
-    pending = list(names)
+    pending = [""] + list(names)  # "": the model list itself, i.e. the frontend is up
     while pending:
         if process.poll() is not None:
             raise RuntimeError(f"TorchServe exited with {process.returncode}; see {workdir / 'torchserve.out'}")
@@ -99,15 +101,17 @@ def wait_ready(workdir: Path, management_port: int, names: list[str], process: s
             raise TimeoutError(f"models {pending} not ready after {timeout:.0f} s; see {workdir / 'logs'}")
         if (workdir / "key_file.json").is_file():
             key = read_keys(workdir)["management"]
-            request = urllib.request.Request(f"http://127.0.0.1:{management_port}/models/{pending[0]}",
+            path = f"/models/{pending[0]}" if pending[0] else "/models"
+            request = urllib.request.Request(f"http://127.0.0.1:{management_port}{path}",
                                              headers={"Authorization": f"Bearer {key}"})
             try:
                 with urllib.request.urlopen(request, timeout=5) as response:
-                    workers = json.loads(response.read())[0].get("workers", [])
+                    answer = json.loads(response.read())
+                workers = answer[0].get("workers", []) if pending[0] else [{"status": "READY"}]
                 if workers and all(worker.get("status") == "READY" for worker in workers):
                     pending.pop(0)
                     continue
-            except (urllib.error.URLError, OSError, ValueError, IndexError):
+            except (urllib.error.URLError, OSError, ValueError, IndexError, KeyError):
                 pass
         time.sleep(0.5)
 

@@ -53,12 +53,13 @@ def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
     return folder
 
 
-def build_archive(model_file: Path, archive_name: str, version: str, model_store: Path, staged: Path) -> Path:
+def build_archive(model_file: Path, archive_name: str, version: str, model_store: Path, staged: Path,
+                  config_file: Path = REPO / "handlers" / "model-config.yaml") -> Path:
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     command = [
         str(archiver), "--model-name", archive_name, "--version", version, "--serialized-file", str(model_file),
         "--handler", str(REPO / "handlers" / "cxr_handler.py"), "--extra-files", str(staged),
-        "--config-file", str(REPO / "handlers" / "model-config.yaml"), "--export-path", str(model_store), "--force",
+        "--config-file", str(config_file), "--export-path", str(model_store), "--force",
     ]
     subprocess.run(command, check=True)
     return model_store / f"{archive_name}.mar"

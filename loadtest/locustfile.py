@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from locust import FastHttpUser, User, constant, events, task
+import grpc.experimental.gevent
+from locust import FastHttpUser, User, events, task
+
+# gRPC's blocking calls would otherwise hold Locust's gevent loop: one call in flight for all users.
+grpc.experimental.gevent.init_gevent()
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
@@ -107,12 +111,13 @@ def check_answer(status: int, body: bytes | str) -> str | None:
 class RestUser(FastHttpUser):
     """POST /predictions/<model> with raw image bytes."""
 
-    wait_time = constant(0)
     network_timeout = 60.0
     connection_timeout = 10.0
 
+    def wait_time(self) -> float:
+        return self.environment.parsed_options.think_time
+
     def on_start(self) -> None:
-        self.wait_time = constant(self.environment.parsed_options.think_time)
         self.path = f"/predictions/{self.environment.parsed_options.model}"
         self.headers = {"Authorization": f"Bearer {_state['key']}", "Content-Type": "image/jpeg"}
 
@@ -131,7 +136,8 @@ class RestUser(FastHttpUser):
 class GrpcUser(User):
     """TorchServe's Predictions RPC with the key as `authorization: Bearer` metadata."""
 
-    wait_time = constant(0)
+    def wait_time(self) -> float:
+        return self.environment.parsed_options.think_time
 
     def on_start(self) -> None:
         import grpc
@@ -139,7 +145,6 @@ class GrpcUser(User):
         from cxr.grpc_stubs import load
 
         options = self.environment.parsed_options
-        self.wait_time = constant(options.think_time)
         host = urlparse(self.environment.host).hostname
         self.channel = grpc.insecure_channel(f"{host}:{options.grpc_port}")
         stubs = load()

@@ -72,6 +72,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     if not latency_log.exists():
         sys.stderr.write(completed.stdout[-3000:] + completed.stderr[-3000:])
         raise SystemExit(f"Locust recorded no request (exit {completed.returncode}); is the server up (make serve)?")
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-2000:])
+        print(f"warning: Locust exited with {completed.returncode} (see above)")
     rows = np.loadtxt(latency_log, delimiter=",", usecols=(1, 2), ndmin=2)
     latencies, ok = rows[:, 0], rows[:, 1].astype(bool)
     summary = summarise(latencies, ok, args.duration)
