@@ -10,7 +10,7 @@ MODEL ?= models/pneumonia/model.pt
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
 
-.PHONY: setup java serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench clean
+.PHONY: setup java browser serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench clean
 
 setup: $(STAMP) java
 
@@ -27,11 +27,20 @@ java:
 	@command -v java >/dev/null || { echo "installing Java 17"; apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
 
-# Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on.
+# The demo page's browser test drives Debian's Chromium; without it (or without apt) that test skips.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing chromium"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+		>/dev/null) || echo "could not install chromium: the browser test will skip"; }
+
+# Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on, and the
+# demo page on http://127.0.0.1:8090/ (it talks to TorchServe server-side).
 serve: setup model_store/pneumonia.mar
-	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar
+	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar pneumonia_eager=pneumonia_eager.mar
+	$(PY) -m cxr.demo start --workdir logs/serve --models pneumonia
 
 stop:
+	@test -x $(PY) && $(PY) -m cxr.demo stop --workdir logs/serve || true
 	@test -x $(PY) && $(PY) -m cxr.server stop --workdir logs/serve || echo "nothing to stop"
 
 # TorchScript / ONNX / int8 exports of $(MODEL), each checked against eager on the val images.
@@ -52,7 +61,7 @@ archive: setup model_store/pneumonia.mar
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup browser lint
 	$(PY) -m pytest
 
 # The shipped default model, exactly as it was trained (see README "Training").

@@ -23,3 +23,7 @@ def sample_paths() -> list[Path]:
     if not paths:
         pytest.skip(f"sample X-rays not found under {samples}")
     return paths
+
+
+# A real TorchServe shared by every integration test module (started once per session, stopped at its end).
+from tests.serving_support import served  # noqa: E402,F401

@@ -15,82 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cxr import cli, server
+from cxr import cli
 from cxr.client import Client as CxrClient
 from cxr.client import PredictionError
-from export import __main__ as export_cli
-from export import archive as archive_cli
 from tests.conftest import SHIPPED_MODEL
-from tests.handler_support import write_tiny_checkpoint
 
 pytestmark = pytest.mark.integration
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-class Client:
-    def __init__(self, ports: dict[str, int], keys: dict[str, str], workdir=None) -> None:
-        self.ports, self.keys, self.workdir = ports, keys, workdir
-
-    def request(self, path: str, body: bytes | None = None, content_type: str = "image/jpeg",
-                key: str | None = "inference", api: str = "inference", method: str | None = None):
-        headers = {"Content-Type": content_type} if body is not None else {}
-        if key:
-            headers["Authorization"] = f"Bearer {self.keys.get(key, key)}"
-        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[api]}{path}", data=body, headers=headers,
-                                         method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            text = error.read()
-            try:
-                return error.code, json.loads(text)
-            except ValueError:
-                return error.code, text.decode(errors="replace")
-
-    def predict(self, data: bytes, model: str = "pneumonia", **options):
-        return self.request(f"/predictions/{model}", data, **options)
-
-    def worker_pids(self, model: str) -> list[int]:
-        _, described = self.request(f"/models/{model}", key="management", api="management")
-        return sorted(worker["pid"] for worker in described[0]["workers"])
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, data_root):
-    """Export the shipped model (or a tiny one when none is committed yet), archive it, start TorchServe."""
-    folder = tmp_path_factory.mktemp("serving")
-    checkpoint = SHIPPED_MODEL if SHIPPED_MODEL.is_file() else write_tiny_checkpoint(folder / "tiny.pt")
-    export_dir, store = folder / "export", folder / "model_store"
-    export_cli.main(export_cli.get_args_parser().parse_args(
-        ["--checkpoint", str(checkpoint), "--data", str(data_root), "--output-dir", str(export_dir),
-         "--check-images", "48", "--calibration-images", "64", "--repeats", "1"]))
-    archive_cli.main(archive_cli.get_args_parser().parse_args(
-        ["--export-dir", str(export_dir), "--model-store", str(store), "--default", "onnx", "--version", "1.0"]))
-    archive_cli.main(archive_cli.get_args_parser().parse_args(  # a second version, for the swap test
-        ["--export-dir", str(export_dir), "--model-store", str(store), "--name", "pneumonia_v2", "--variants",
-         "onnx", "--default", "onnx", "--version", "2.0"]))
-    names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    workdir = folder / "run"
-    process = server.start(workdir, {"pneumonia": "pneumonia.mar", "pneumonia_eager": "pneumonia_eager.mar"},
-                           model_store=store, ports=ports, timeout=240)
-    try:
-        yield Client(ports, server.read_keys(workdir), workdir)
-    finally:
-        server.stop_process(process)
-        for port in ports.values():  # nothing listens on our ports once the server is gone
-            with socket.socket() as sock:
-                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
 
 
 def test_token_is_required(served):

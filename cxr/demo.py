@@ -1,0 +1,229 @@
+"""The demo page for clinicians and demos: upload or pick an X-ray, see the answer and where the model looked.
+
+    python -m cxr.demo serve --port 8090             # foreground
+    python -m cxr.demo start / stop --workdir logs/serve   # what `make serve` / `make stop` do
+
+A small standard-library HTTP server on 127.0.0.1 that serves plain HTML/CSS/JS (cxr/demo_static/, no build
+step) and talks to TorchServe server-side with the inference key, so no token ever reaches the browser.
+POST /api/predict (image bytes, or ?sample=FOLDER/NAME) asks `/predictions/<model>` for the answer and
+`/explanations/<model>_eager` for the Grad-CAM overlay, and returns both with a PNG of the image as decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import mimetypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from cxr.client import Client, PredictionError
+from cxr.preprocessing import InvalidImageError, load_image
+
+STATIC = Path(__file__).resolve().parent / "demo_static"
+REPO = Path(__file__).resolve().parent.parent
+MAX_UPLOAD = 16 * 1024 * 1024
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+}
+
+
+def preview_png(data: bytes, size: int = 512) -> str | None:
+    """Base64 PNG of the image as we decode it (DICOM included), at most `size` px; None if it does not decode."""
+    try:
+        image = load_image(data)
+    except InvalidImageError:
+        return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class Demo:
+    """What the page needs: a TorchServe client, the model names to offer and the sample folder."""
+
+    def __init__(self, client: Client, models: list[str], samples: Path | None) -> None:
+        self.client, self.models, self.samples = client, models, samples
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+
+    def sample_names(self) -> list[str]:
+        if self.samples is None or not self.samples.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.samples)) for p in self.samples.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def sample_bytes(self, name: str) -> bytes | None:
+        if name not in self.sample_names():  # only listed files: no path tricks
+            return None
+        return (self.samples / name).read_bytes()
+
+    def predict(self, data: bytes, model: str) -> tuple[int, dict[str, Any]]:
+        if model not in self.models:
+            return 400, {"error": f"unknown model {model!r}; choose one of {', '.join(self.models)}"}
+        started = time.perf_counter()
+        answer = self.pool.submit(self.client.predict, data, model)
+        explanation = self.pool.submit(self.client.explain, data, f"{model}_eager")
+        try:
+            result: dict[str, Any] = {"answer": answer.result()}
+        except PredictionError as error:
+            status = error.status if 400 <= error.status < 500 else 502
+            message = error.message if status < 500 else f"the model server did not answer: {error.message}"
+            return status, {"error": message}
+        result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        try:
+            result["overlay_png"] = explanation.result()["overlay_png"]
+        except PredictionError as error:
+            result["overlay_png"], result["explain_error"] = None, f"no heatmap: {error.message}"
+        result["original_png"] = preview_png(data)
+        return 200, result
+
+
+class Handler(BaseHTTPRequestHandler):
+    demo: Demo  # set on the class by make_server
+    server_version = "cxr-demo"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        url = urlparse(self.path)
+        if url.path in ("/", "/index.html"):
+            return self._send(200, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+        if url.path.startswith("/static/"):
+            name = url.path.removeprefix("/static/")
+            path = STATIC / name
+            if "/" in name or not path.is_file():
+                return self._json(404, {"error": "not found"})
+            return self._send(200, path.read_bytes(), mimetypes.guess_type(name)[0] or "application/octet-stream")
+        if url.path == "/api/config":
+            return self._json(200, {"models": self.demo.models, "samples": self.demo.sample_names()})
+        if url.path == "/api/health":
+            try:
+                return self._json(200, {"torchserve": self.demo.client.ping()})
+            except PredictionError as error:
+                return self._json(502, {"error": f"the model server is not reachable: {error.message}"})
+        return self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        if url.path != "/api/predict":
+            return self._json(404, {"error": "not found"})
+        query = parse_qs(url.query)
+        model = query.get("model", [self.demo.models[0]])[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_UPLOAD:
+            return self._json(413, {"error": f"file of {length} bytes is over the {MAX_UPLOAD} byte limit"})
+        data = self.rfile.read(length) if length else b""
+        if "sample" in query:
+            data = self.demo.sample_bytes(query["sample"][0]) or b""
+            if not data:
+                return self._json(404, {"error": f"no sample named {query['sample'][0]!r}"})
+        if not data:
+            return self._json(400, {"error": "no file was sent: choose or drop an X-ray image"})
+        status, payload = self.demo.predict(data, model)
+        return self._json(status, payload)
+
+
+def make_server(port: int, demo: Demo) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"demo": demo})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def _serve(args: argparse.Namespace) -> None:
+    keys = json.loads(Path(args.key_file).read_text())
+    client = Client({"inference": keys["inference"]["key"], "management": keys["management"]["key"]},
+                    ports={"inference": args.inference_port}, timeout=60, retries=1)
+    samples = Path(args.samples) if args.samples else None
+    server = make_server(args.port, Demo(client, args.models, samples))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `stop`: leave serve_forever, close the socket
+    print(f"demo page on http://127.0.0.1:{args.port}/", flush=True)
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+
+
+def start(args: argparse.Namespace) -> None:
+    """Run `serve` in the background (own session), pid file in --workdir; waits until the port answers."""
+    import socket
+
+    workdir = Path(args.workdir).resolve()
+    stop(args)
+    command = [sys.executable, "-m", "cxr.demo", "serve", "--port", str(args.port), "--key-file", args.key_file,
+               "--inference-port", str(args.inference_port), "--samples", args.samples or "", "--models",
+               *args.models]
+    with open(workdir / "demo.out", "ab") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=REPO)
+    (workdir / "demo.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the demo page exited; see {workdir / 'demo.out'}")
+        try:
+            with socket.create_connection(("127.0.0.1", args.port), timeout=1):
+                print(f"demo page: http://127.0.0.1:{args.port}/ (talks to TorchServe server-side; "
+                      "no token in the browser)")
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("the demo page did not start within 30 s")
+
+
+def stop(args: argparse.Namespace) -> None:
+    pid_file = Path(args.workdir) / "demo.pid"
+    if pid_file.is_file():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["serve", "start", "stop"])
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--workdir", default="logs/serve", help="where TorchServe's key file and our pid file live")
+    parser.add_argument("--key-file", default=None, help="default: <workdir>/key_file.json")
+    parser.add_argument("--inference-port", type=int, default=8080)
+    parser.add_argument("--models", nargs="+", default=["pneumonia"])
+    parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"))
+    args = parser.parse_args()
+    args.key_file = args.key_file or str(Path(args.workdir).resolve() / "key_file.json")
+    {"serve": _serve, "start": start, "stop": stop}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()
