@@ -85,6 +85,37 @@ def model_only(export_dir: Path, images: list[bytes], batches: list[int], thread
     return results
 
 
+def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, images: list[bytes], threads: int
+                   ) -> dict[str, float]:
+    """Median ms per stage of one request inside the handler, on each sample: decode, resize + normalise, gate,
+    inference (batch 1), JSON. What TorchServe adds (HTTP, frontend, queue, IPC) is the end-to-end latency at
+    concurrency 1 minus their sum."""
+    from cxr.gate import OodGate
+
+    backend = load_backend(export_dir / variant_file, "cpu", threads=threads)
+    config = PreprocessConfig.from_dict(backend.config["preprocessing"])
+    preset = EvalPreset(config)
+    gate = OodGate.load(gate_path) if gate_path else None
+    stages: dict[str, list[float]] = {"decode": [], "resize_normalise": [], "gate": [], "inference": [], "json": []}
+    for _ in range(3):
+        for data in images:
+            marks = [time.perf_counter()]
+            image = load_image(data, preset.decode_size)
+            marks.append(time.perf_counter())
+            batch = preset(image)[None]
+            marks.append(time.perf_counter())
+            if gate is not None:
+                gate.scores(batch, config.mean[0], config.std[0])
+            marks.append(time.perf_counter())
+            probabilities = backend.predict(batch)
+            marks.append(time.perf_counter())
+            json.dumps({"probabilities": {str(k): float(p) for k, p in enumerate(probabilities[0])}})
+            marks.append(time.perf_counter())
+            for key, start, end in zip(stages, marks, marks[1:], strict=True):
+                stages[key].append((end - start) * 1000)
+    return {key: float(np.median(values)) for key, values in stages.items()}
+
+
 # --- load generation --------------------------------------------------------------------------------------
 class Target:
     """Where the load goes: loopback host, port, path and headers."""
@@ -381,6 +412,17 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             lines.append(f"| {label} | {share} ({v['offered_rate']:.1f}/s) | {v['throughput']:.1f} | "
                          f"{v['p50_ms']:.0f} | {v['p95_ms']:.0f} | {v['p99_ms']:.0f} | "
                          f"{v['p99_ms'] / v['p50_ms']:.2f} | {v['failures']}/{v['requests']} |")
+    profile, single = results["profile"], results["single"]
+    handler_ms = sum(profile.values())
+    lines += ["", "## One request, end to end (median ms, default archive, one client)", "",
+              "| stage | ms | share |", "|---|---|---|"]
+    for key, value in profile.items():
+        lines.append(f"| handler: {key.replace('_', ' ')} | {value:.2f} | {value / single['p50_ms']:.0%} |")
+    rest = single["p50_ms"] - handler_ms
+    lines += [f"| TorchServe: HTTP, frontend, queue, IPC to the worker (end to end minus the handler) | {rest:.2f} | "
+              f"{rest / single['p50_ms']:.0%} |",
+              f"| **end to end at concurrency 1** (p50; {single['throughput']:.1f} X-rays/s) | "
+              f"**{single['p50_ms']:.2f}** | |"]
     lines += [""] + [f"![{name}]({name})" for name in plots] + [""]
     return "\n".join(lines)
 
@@ -400,6 +442,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "images": len(payloads), "concurrency": args.concurrency, "seconds": args.seconds, "batches": args.batches,
         "served_batch": served_batch, "default_variant": default_variant}
     results["model_only"] = model_only(export_dir, payloads[:16], args.batches, threads, args.model_seconds)
+    results["profile"] = profile_stages(export_dir, archive_cli.VARIANTS[default_variant],
+                                        Path(args.gate) if args.gate else None, payloads, threads)
 
     configs = [(variant, served_batch, served_delay, served_workers, threads) for variant in args.variants]
     configs += [(default_variant, b, served_delay, served_workers, threads) for b in args.batches if b != served_batch]
@@ -420,6 +464,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 name = build_variant(export_dir, store, staged, *config)
                 sweep = name == results["default_config"]
                 results["e2e"][name] = run_config(bench, name, payloads, args.concurrency, args.seconds, sweep)
+                if sweep:  # one client: the latency of a lone request, for the profile
+                    bench.client.register(f"{name}.mar", name, initial_workers=1)
+                    results["single"] = closed_loop(bench.target(name), payloads, 1, args.seconds)
+                    bench.client.unregister(name, "1.0")
                 m = results["e2e"][name]["max"]
                 tqdm.write(f"{name}: {m['throughput']:.1f}/s p50 {m['p50_ms']:.0f} p99 {m['p99_ms']:.0f} ms, "
                            f"failures {m['failures']}")

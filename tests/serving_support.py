@@ -15,6 +15,7 @@ from tests.handler_support import write_tiny_checkpoint
 
 # Not imported from conftest, which imports this module for its `served` fixture.
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia" / "model.pt"
+SHIPPED_CXR4 = SHIPPED_MODEL.parent.parent / "cxr4" / "model.pt"
 
 
 def free_ports(count: int) -> list[int]:
@@ -58,7 +59,8 @@ class Client:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, data_root):
-    """Export the shipped model (or a tiny one when none is committed yet), archive it, start TorchServe."""
+    """Export the shipped models (or a tiny one when none is committed yet), archive them, start TorchServe with
+    pneumonia (ONNX), pneumonia_eager and, when shipped, cxr4 (ONNX) side by side."""
     folder = tmp_path_factory.mktemp("serving")
     checkpoint = SHIPPED_MODEL if SHIPPED_MODEL.is_file() else write_tiny_checkpoint(folder / "tiny.pt")
     export_dir, store = folder / "export", folder / "model_store"
@@ -70,11 +72,21 @@ def served(tmp_path_factory, data_root):
     archive_cli.main(archive_cli.get_args_parser().parse_args(  # a second version, for the swap test
         ["--export-dir", str(export_dir), "--model-store", str(store), "--name", "pneumonia_v2", "--variants",
          "onnx", "--default", "onnx", "--version", "2.0"]))
+    models = {"pneumonia": "pneumonia.mar", "pneumonia_eager": "pneumonia_eager.mar"}
+    multiclass = data_root.parent / "multiclass"
+    if SHIPPED_CXR4.is_file():
+        cxr4_export = folder / "export-cxr4"
+        export_cli.main(export_cli.get_args_parser().parse_args(
+            ["--checkpoint", str(SHIPPED_CXR4), "--data", str(multiclass), "--output-dir", str(cxr4_export),
+             "--check-images", "48", "--formats", "onnx", "--repeats", "1"]))
+        archive_cli.main(archive_cli.get_args_parser().parse_args(
+            ["--export-dir", str(cxr4_export), "--model-store", str(store), "--name", "cxr4", "--variants", "onnx",
+             "--default", "onnx", "--version", "1.0"]))
+        models["cxr4"] = "cxr4.mar"
     names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     workdir = folder / "run"
-    process = server.start(workdir, {"pneumonia": "pneumonia.mar", "pneumonia_eager": "pneumonia_eager.mar"},
-                           model_store=store, ports=ports, timeout=240)
+    process = server.start(workdir, models, model_store=store, ports=ports, timeout=240)
     try:
         yield Client(ports, server.read_keys(workdir), workdir)
     finally:

@@ -42,20 +42,6 @@ def test_generated_test_config_only_moves_ports(tmp_path):
     assert config["model_store"] == str((tmp_path / "store").resolve())
 
 
-def test_compose_publishes_on_host_loopback_only():
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    service = compose["services"]["torchserve"]
-    assert service["ports"] and all(port.startswith("127.0.0.1:") for port in service["ports"])
-    assert {"8080", "8081", "8082", "7070", "7071"} == {port.rsplit(":", 1)[1] for port in service["ports"]}
-    devices = service["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
-    assert any(volume.endswith(":ro") and "model_store" in volume for volume in service["volumes"])
-    mounted_config = REPO / service["volumes"][0].split(":")[0]
-    container = properties(mounted_config)
-    assert container["disable_token_authorization"] == "false" and container["enable_model_api"] == "false"
-    assert "http" not in container["allowed_urls"]
-
-
 def test_model_config_is_valid_yaml_with_handler_settings():
     config = yaml.safe_load((REPO / "handlers" / "model-config.yaml").read_text())
     assert config["batchSize"] >= 1 and config["maxBatchDelay"] >= 0

@@ -46,6 +46,24 @@ def test_every_sample_xray_gets_an_answer(served, sample_paths):
         assert correct / len(sample_paths) >= 0.8, f"{correct}/{len(sample_paths)} sample X-rays right"
 
 
+def test_cxr4_answers_beside_pneumonia_with_four_probabilities(served, sample_paths):
+    from tests.serving_support import SHIPPED_CXR4
+
+    if not SHIPPED_CXR4.is_file():
+        pytest.skip(f"no 4-class model at {SHIPPED_CXR4}")
+    labels = Counter()
+    for path in sample_paths[::4]:
+        status, answer = served.predict(path.read_bytes(), model="cxr4")
+        assert status == 200, answer
+        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
+        assert answer["model"] == "cxr4" and answer["threshold"] is None
+        assert set(answer["probabilities"]) == {"NORMAL", "PNEUMONIA", "TUBERCULOSIS", "COVID19"}
+        assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
+        labels[answer["label"]] += 1
+        assert served.predict(path.read_bytes())[1]["model"] == "pneumonia"  # the other model, same server
+    assert labels["PNEUMONIA"] > 0
+
+
 def test_onnx_and_eager_archives_agree(served, sample_paths):
     for path in sample_paths[::8]:
         _, onnx_answer = served.predict(path.read_bytes())
