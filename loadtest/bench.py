@@ -126,21 +126,23 @@ class Target:
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=60)
 
-    def send(self, connection: http.client.HTTPConnection, body: bytes) -> tuple[bool, http.client.HTTPConnection]:
+    def send(self, connection: http.client.HTTPConnection, body: bytes
+             ) -> tuple[int, bool, http.client.HTTPConnection]:
+        """(HTTP status or 0 for a connection error, success = a 200 with a label, the connection to reuse)."""
         try:
             connection.request("POST", self.path, body=body, headers=self.headers)
             response = connection.getresponse()
             data = response.read()
-            return response.status == 200 and b'"label"' in data, connection
+            return response.status, response.status == 200 and b'"label"' in data, connection
         except (OSError, http.client.HTTPException):
             connection.close()
-            return False, self.connection()
+            return 0, False, self.connection()
 
 
 def closed_loop(target: Target, payloads: list[bytes], concurrency: int, seconds: float,
                 max_requests: int = 100_000) -> dict[str, Any]:
     """`concurrency` clients, each sending the next request when its answer arrives: the maximum throughput."""
-    records: list[tuple[float, bool]] = []
+    records: list[tuple[float, bool, int]] = []
     lock, stop_at = threading.Lock(), time.perf_counter() + seconds
 
     def client(offset: int) -> None:
@@ -150,10 +152,10 @@ def closed_loop(target: Target, payloads: list[bytes], concurrency: int, seconds
                 if len(records) >= max_requests:
                     break
             started = time.perf_counter()
-            ok, connection = target.send(connection, payloads[index % len(payloads)])
+            status, ok, connection = target.send(connection, payloads[index % len(payloads)])
             index += 1
             with lock:
-                records.append((time.perf_counter() - started, ok))
+                records.append((time.perf_counter() - started, ok, status))
         connection.close()
 
     started = time.perf_counter()
@@ -170,15 +172,15 @@ def open_loop(target: Target, payloads: list[bytes], rate: float, seconds: float
     """Requests issued at a fixed rate whatever the server does; latency counts from the scheduled send time,
     so a server that falls behind shows it (no coordinated omission)."""
     local = threading.local()
-    records: list[tuple[float, bool]] = []
+    records: list[tuple[float, bool, int]] = []
     lock = threading.Lock()
 
     def send(scheduled: float, body: bytes) -> None:
         if not hasattr(local, "connection"):
             local.connection = target.connection()
-        ok, local.connection = target.send(local.connection, body)
+        status, ok, local.connection = target.send(local.connection, body)
         with lock:
-            records.append((time.perf_counter() - scheduled, ok))
+            records.append((time.perf_counter() - scheduled, ok, status))
 
     count = int(rate * seconds)
     started = time.perf_counter()
@@ -192,14 +194,19 @@ def open_loop(target: Target, payloads: list[bytes], rate: float, seconds: float
     return {**_summary(records, time.perf_counter() - started), "offered_rate": rate}
 
 
-def _summary(records: list[tuple[float, bool]], elapsed: float) -> dict[str, Any]:
+def _summary(records: list[tuple[float, bool, int]], elapsed: float) -> dict[str, Any]:
     latencies = np.array([r[0] for r in records]) * 1000
     ok = np.array([r[1] for r in records], dtype=bool)
     good = latencies[ok] if ok.any() else np.array([np.nan])
     p50, p95, p99 = np.percentile(good, [50, 95, 99])
+    statuses: dict[str, int] = {}
+    for record in records:
+        statuses[str(record[2])] = statuses.get(str(record[2]), 0) + 1
+    failed = latencies[~ok]
     return {"requests": int(len(records)), "failures": int((~ok).sum()), "seconds": elapsed,
             "throughput": float(ok.sum() / elapsed), "p50_ms": float(p50), "p95_ms": float(p95),
-            "p99_ms": float(p99)}
+            "p99_ms": float(p99), "statuses": statuses,
+            "failed_p50_ms": float(np.median(failed)) if len(failed) else None}
 
 
 def rss_mb(pids: list[int]) -> list[float]:
