@@ -44,10 +44,14 @@ class TorchBackend:
 class OnnxBackend:
     """ONNX Runtime session: CUDA execution provider when asked and available, CPU otherwise."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 spin: bool = True) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # Spinning intra-op threads wait hot for the next run; in a server that also decodes images on the same
+        # cores, that burns CPU the preprocessing needs (handler setting `onnx_spin`).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
@@ -73,13 +77,13 @@ class OnnxBackend:
 
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-                 half: bool = False) -> TorchBackend | OnnxBackend:
+                 half: bool = False, spin: bool = True) -> TorchBackend | OnnxBackend:
     """Pick the runtime from the file name: `.onnx` -> ONNX Runtime, `.ts` -> TorchScript, `.pt` -> checkpoint."""
     path = Path(path)
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     if path.suffix == ".onnx":
-        return OnnxBackend(path, device, threads)
+        return OnnxBackend(path, device, threads, spin)
     if path.suffix == ".ts":
         extra_files = {CONFIG_KEY: ""}
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)

@@ -36,7 +36,7 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
 JSON_LIST_KEYS = ("instances", "images", "inputs")
 DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_image_bytes": 16 * 1024 * 1024,
-            "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True}
+            "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True, "onnx_spin": True}
 
 
 class RequestError(Exception):
@@ -113,7 +113,8 @@ class XrayHandler(BaseHandler):
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         model_path = os.path.join(properties["model_dir"], manifest["model"]["serializedFile"])
-        self.backend = load_backend(model_path, device, threads=self.settings["threads"], half=self.settings["fp16"])
+        self.backend = load_backend(model_path, device, threads=self.settings["threads"], half=self.settings["fp16"],
+                                    spin=self.settings["onnx_spin"])
         self.config = self.backend.config
         self.preset = EvalPreset(PreprocessConfig.from_dict(self.config["preprocessing"]))
         self.class_names = list(self.config["class_names"])
@@ -198,15 +199,14 @@ class XrayHandler(BaseHandler):
         if len(data) > limit:
             raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {limit} bytes")
         try:
-            with Image.open(io.BytesIO(data)) as probe:
-                image_format = probe.format
-        except Exception:  # noqa: BLE001 - load_image below gives the precise reason
-            image_format = None
-        if image_format is not None and image_format not in ACCEPTED_FORMATS:
-            raise RequestError(415, f"{prefix}unsupported image type {image_format}; send one of "
+            opened = Image.open(io.BytesIO(data))  # reads the header only; decoded once, by load_image
+        except Exception:  # noqa: BLE001 - not a format Pillow knows (DICOM, junk): load_image gives the reason
+            opened = None
+        if opened is not None and opened.format not in ACCEPTED_FORMATS:
+            raise RequestError(415, f"{prefix}unsupported image type {opened.format}; send one of "
                                     f"{', '.join(ACCEPTED_FORMATS)}")
         try:
-            image = load_image(data, self.preset.decode_size)
+            image = load_image(opened if opened is not None else data, self.preset.decode_size)
         except InvalidImageError as error:
             reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
             raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error

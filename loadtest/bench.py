@@ -249,11 +249,11 @@ class BenchServer:
 
 
 def build_variant(export_dir: Path, store: Path, staged: Path, variant: str, batch_size: int, delay: int,
-                  workers: int, threads: int) -> str:
+                  workers: int, threads: int, handler: dict[str, Any] | None = None) -> str:
     """An archive of `variant` whose model-config.yaml carries this batching/worker configuration."""
     config = yaml.safe_load(BASE_CONFIG.read_text())
     config.update(batchSize=batch_size, maxBatchDelay=delay, minWorkers=workers, maxWorkers=workers)
-    config["handler"] = {**config.get("handler", {}), "threads": threads}
+    config["handler"] = {**config.get("handler", {}), **(handler or {}), "threads": threads}
     name = f"bench_{variant}_b{batch_size}_d{delay}_w{workers}_t{threads}"
     config_file = staged.parent / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -444,6 +444,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threads, served_batch, served_delay = base["handler"]["threads"], base["batchSize"], base["maxBatchDelay"]
     served_workers = base["minWorkers"]
     default_variant = args.default_variant or archive_cli.fastest_exact_variant(export_dir)
+    handler_settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.handler)}
     results: dict[str, Any] = {
         "machine": args.machine or f"{os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d"),
         "images": len(payloads), "concurrency": args.concurrency, "seconds": args.seconds, "batches": args.batches,
@@ -468,7 +469,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bench = BenchServer(scratch / "serve", store)
         try:
             for config in tqdm(configs, desc="end to end"):
-                name = build_variant(export_dir, store, staged, *config)
+                name = build_variant(export_dir, store, staged, *config, handler=handler_settings)
                 sweep = name == results["default_config"]
                 results["e2e"][name] = run_config(bench, name, payloads, args.concurrency, args.seconds, sweep)
                 if sweep:  # one client: the latency of a lone request, for the profile
@@ -507,6 +508,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="per load")
     parser.add_argument("--model-seconds", type=float, default=2.0, help="per model-only cell")
     parser.add_argument("--machine", default=None, help="how to name the machine in the report")
+    parser.add_argument("--handler", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="handler settings to try on top of handlers/model-config.yaml (e.g. onnx_spin=false)")
     return parser
 
 

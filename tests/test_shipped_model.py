@@ -58,3 +58,43 @@ def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, sample_paths):
     fractions = [lung_heat_fraction(heatmap) for heatmap in heatmaps]
     assert len(fractions) >= 15
     assert np.median(fractions) > 1.2 * lung_prior(heatmaps.shape[-1]).mean()
+
+
+CXR4_MODEL = REPO / "models" / "cxr4" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def cxr4():
+    if not CXR4_MODEL.is_file():
+        pytest.skip(f"no 4-class model at {CXR4_MODEL}")
+    return load_checkpoint(CXR4_MODEL)
+
+
+@pytest.fixture(scope="module")
+def multiclass_root(data_root):
+    root = data_root.parent / "multiclass"
+    if not (root / "test").is_dir():
+        pytest.skip(f"multiclass X-rays not found at {root}")
+    return root
+
+
+def test_cxr4_is_small_calibrated_and_self_describing(cxr4):
+    assert CXR4_MODEL.stat().st_size <= 25 * 1024 * 1024
+    assert sorted(cxr4["class_names"]) == ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+    assert cxr4["positive_class"] is None and cxr4["threshold"] is None  # argmax over 4 classes
+    assert cxr4["temperature"] > 0 and cxr4["metrics"]["test"]["n"] == 795
+    assert set(cxr4["metrics"]["test"]) >= {"macro_auc", "balanced_accuracy", "ece", "brier"}
+
+
+def test_cxr4_recorded_test_metrics_reproduce(cxr4, multiclass_root):
+    report, _, _ = evaluate_checkpoint(cxr4, multiclass_root, "test", bootstrap=0)
+    recorded = cxr4["metrics"]["test"]
+    assert report["macro_auc"] == pytest.approx(recorded["macro_auc"], abs=1e-3)
+    assert report["balanced_accuracy"] == pytest.approx(recorded["balanced_accuracy"], abs=2 / 795)
+    assert set(report["per_class"]["TUBERCULOSIS"]) >= {"sensitivity", "specificity", "precision", "f1", "auc"}
+
+
+def test_readme_quotes_the_cxr4_figures(cxr4):
+    readme = (REPO / "README.md").read_text()
+    for key in ("macro_auc", "balanced_accuracy"):
+        assert f"{cxr4['metrics']['test'][key]:.3f}" in readme, key
