@@ -7,10 +7,12 @@ CXR_DATA ?= ../shared/data/pneumonia
 export CXR_DATA
 
 MODEL ?= models/pneumonia/model.pt
+CXR4_MODEL := models/cxr4/model.pt
+CXR4_DATA ?= ../shared/data/multiclass
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
 
-.PHONY: setup java browser serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench clean
+.PHONY: setup java browser serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench train-cxr4 ship-cxr4 source-bias clean
 
 setup: $(STAMP) java
 
@@ -35,9 +37,11 @@ browser:
 
 # Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on, and the
 # demo page on http://127.0.0.1:8090/ (it talks to TorchServe server-side).
-serve: setup model_store/pneumonia.mar
-	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar pneumonia_eager=pneumonia_eager.mar
-	$(PY) -m cxr.demo start --workdir logs/serve --models pneumonia
+# The _eager archives answer the page's Grad-CAM requests (/explanations/<model>_eager).
+serve: setup model_store/pneumonia.mar model_store/cxr4.mar
+	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar cxr4=cxr4.mar \
+		pneumonia_eager=pneumonia_eager.mar cxr4_eager=cxr4_eager.mar
+	$(PY) -m cxr.demo start --workdir logs/serve --models pneumonia cxr4
 
 stop:
 	@test -x $(PY) && $(PY) -m cxr.demo stop --workdir logs/serve || true
@@ -56,7 +60,16 @@ model_store/pneumonia.mar: runs/export/model.onnx models/gate/ood_gate.pt handle
 	$(PY) -m export.archive --export-dir runs/export --model-store model_store --version $(VERSION) \
 		--default $(DEFAULT_VARIANT)
 
-archive: setup model_store/pneumonia.mar
+# The same for the 4-class model: cxr4.mar and cxr4_{eager,ts,onnx,int8}.mar.
+runs/export-cxr4/model.onnx: $(CXR4_MODEL) | $(STAMP)
+	$(PY) -m export --checkpoint $(CXR4_MODEL) --data $(CXR4_DATA) --output-dir runs/export-cxr4
+
+model_store/cxr4.mar: runs/export-cxr4/model.onnx models/gate/ood_gate.pt handlers/cxr_handler.py \
+		handlers/model-config.yaml $(wildcard cxr/*.py)
+	$(PY) -m export.archive --export-dir runs/export-cxr4 --model-store model_store --name cxr4 --version $(VERSION) \
+		--default $(DEFAULT_VARIANT)
+
+archive: setup model_store/pneumonia.mar model_store/cxr4.mar
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -80,6 +93,27 @@ loadtest: setup
 bench: setup model_store/pneumonia.mar
 	$(PY) -m loadtest.bench --export-dir runs/export --model-store model_store --output docs/benchmarks.md \
 		$(BENCH_ARGS)
+
+# The 4-class model (NORMAL / PNEUMONIA / TUBERCULOSIS / COVID19) exactly as shipped, then its reports.
+train-cxr4: setup
+	$(PY) -m training.train --data $(CXR4_DATA) --arch resnet18 --image-size 128 --epochs 14 --batch-size 32 \
+		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
+		--output-dir runs/cxr4-resnet18
+
+ship-cxr4:
+	test -f runs/cxr4-resnet18/model.pt
+	mkdir -p models/cxr4 docs/cxr4
+	cp runs/cxr4-resnet18/model.pt runs/cxr4-resnet18/metrics.json runs/cxr4-resnet18/metrics.csv models/cxr4/
+	cp runs/cxr4-resnet18/curves.png runs/cxr4-resnet18/reports/*.md runs/cxr4-resnet18/reports/*.png docs/cxr4/
+
+# How much of the 4-class model's skill is the source (cross-source probe, statistics-only model).
+source-bias: setup
+	$(PY) -m training.source_bias --checkpoint $(CXR4_MODEL) --data $(CXR4_DATA) \
+		--probe ../shared/data/pneumonia/test --output docs/cxr4/source_bias.md
+
+# Reliability drills (soak, worker crash, overload, malformed storm) -> docs/reliability.md. About 15 min.
+drills: setup model_store/pneumonia.mar
+	$(PY) -m loadtest.drills --export-dir runs/export --output docs/reliability.md $(DRILL_ARGS)
 
 # The architecture comparison: every candidate with the same budget, into runs/<arch>/.
 train-candidates: setup
