@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.client
+import itertools
 import json
 import os
 import socket
@@ -85,14 +86,14 @@ def model_only(export_dir: Path, images: list[bytes], batches: list[int], thread
     return results
 
 
-def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, images: list[bytes], threads: int
-                   ) -> dict[str, float]:
+def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, images: list[bytes], threads: int,
+                   spin: bool = True) -> dict[str, float]:
     """Median ms per stage of one request inside the handler, on each sample: decode, resize + normalise, gate,
     inference (batch 1), JSON. What TorchServe adds (HTTP, frontend, queue, IPC) is the end-to-end latency at
     concurrency 1 minus their sum."""
     from cxr.gate import OodGate
 
-    backend = load_backend(export_dir / variant_file, "cpu", threads=threads)
+    backend = load_backend(export_dir / variant_file, "cpu", threads=threads, spin=spin)
     config = PreprocessConfig.from_dict(backend.config["preprocessing"])
     preset = EvalPreset(config)
     gate = OodGate.load(gate_path) if gate_path else None
@@ -111,7 +112,7 @@ def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, 
             marks.append(time.perf_counter())
             json.dumps({"probabilities": {str(k): float(p) for k, p in enumerate(probabilities[0])}})
             marks.append(time.perf_counter())
-            for key, start, end in zip(stages, marks, marks[1:], strict=True):
+            for key, (start, end) in zip(stages, itertools.pairwise(marks), strict=True):
                 stages[key].append((end - start) * 1000)
     return {key: float(np.median(values)) for key, values in stages.items()}
 
@@ -388,7 +389,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
              f"| p99 <= 2x p50 at 80% of max load | **{r['p99_over_p50_at_80']:.2f}x** | "
              f"{'met' if r['p99_over_p50_at_80'] <= 2 else 'not met'} |",
              f"| no failures | {r['failures']} | {'met' if r['failures'] == 0 else 'not met'} |", "",
-             "## Model only (images/s, same threads as a server worker)", "",
+             f"## Model only (images/s, {results['model_threads']} threads: the cores the server's workers use "
+             "together)", "",
              "| backend | " + " | ".join(f"batch {b}" for b in results["batches"]) + " |",
              "|---|" + "---|" * len(results["batches"])]
     for backend, values in results["model_only"].items():
@@ -449,15 +451,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "machine": args.machine or f"{os.cpu_count()} CPU cores", "date": time.strftime("%Y-%m-%d"),
         "images": len(payloads), "concurrency": args.concurrency, "seconds": args.seconds, "batches": args.batches,
         "served_batch": served_batch, "default_variant": default_variant}
-    results["model_only"] = model_only(export_dir, payloads[:16], args.batches, threads, args.model_seconds)
+    # The model's own limit on the cores the server's workers use together (workers x threads per worker).
+    model_threads = served_workers * threads
+    results["model_threads"] = model_threads
+    results["model_only"] = model_only(export_dir, payloads[:16], args.batches, model_threads, args.model_seconds)
     results["profile"] = profile_stages(export_dir, archive_cli.VARIANTS[default_variant],
-                                        Path(args.gate) if args.gate else None, payloads, threads)
+                                        Path(args.gate) if args.gate else None, payloads, threads,
+                                        spin=bool((base["handler"] | handler_settings).get("onnx_spin", True)))
 
     configs = [(variant, served_batch, served_delay, served_workers, threads) for variant in args.variants]
     configs += [(default_variant, b, served_delay, served_workers, threads) for b in args.batches if b != served_batch]
     configs += [(default_variant, served_batch, d, served_workers, threads) for d in args.delays if d != served_delay]
-    configs += [(default_variant, served_batch, served_delay, w, max(1, threads // w)) for w in args.workers
+    configs += [(default_variant, served_batch, served_delay, w, max(1, model_threads // w)) for w in args.workers
                 if w != served_workers]
+    if args.only:  # explicit configurations instead of the matrix: variant,batch,delay,workers,threads
+        configs = [(v, int(b), int(d), int(w), int(t)) for v, b, d, w, t in (item.split(",") for item in args.only)]
+        configs.insert(0, (default_variant, served_batch, served_delay, served_workers, threads))
     results["default_config"] = (f"bench_{default_variant}_b{served_batch}_d{served_delay}_w{served_workers}"
                                  f"_t{threads}")
     results["e2e"] = {}
@@ -500,7 +509,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"))
     parser.add_argument("--output", default="docs/benchmarks.md")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--delays", type=int, nargs="+", default=[2, 10, 25])
+    parser.add_argument("--delays", type=int, nargs="+", default=[2, 5, 10, 25])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--variants", nargs="+", default=["eager", "ts", "onnx", "int8"])
     parser.add_argument("--default-variant", default=None, help="default: the one make archive ships")
@@ -508,6 +517,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="per load")
     parser.add_argument("--model-seconds", type=float, default=2.0, help="per model-only cell")
     parser.add_argument("--machine", default=None, help="how to name the machine in the report")
+    parser.add_argument("--only", nargs="*", default=[], metavar="VARIANT,BATCH,DELAY,WORKERS,THREADS",
+                        help="run these configurations (plus the shipped one) instead of the matrix")
     parser.add_argument("--handler", nargs="*", default=[], metavar="KEY=VALUE",
                         help="handler settings to try on top of handlers/model-config.yaml (e.g. onnx_spin=false)")
     return parser
