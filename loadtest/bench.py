@@ -329,8 +329,9 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
     figure, axes = plt.subplots(figsize=(6.4, 4))
     for backend, values in results["model_only"].items():
         axes.plot(list(values), list(values.values()), marker="o", label=f"{backend} (model only)")
+    served_rest = results["default_config"].split("_d", 1)[1]  # delay, workers, threads of the shipped config
     batch_rows = {int(k.split("_b")[1].split("_")[0]): v["max"]["throughput"] for k, v in results["e2e"].items()
-                  if k.startswith(f"bench_{results['default_variant']}_") and "_d10_w1_" in k}
+                  if k.startswith(f"bench_{results['default_variant']}_") and k.endswith(f"_d{served_rest}")}
     if batch_rows:
         keys = sorted(batch_rows)
         axes.plot(keys, [batch_rows[k] for k in keys], marker="s", color="black",
@@ -436,8 +437,22 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_reports(results: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plots = plot(results, output.parent)
+    (output.parent / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    output.write_text(markdown(results, plots))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     export_dir, output = Path(args.export_dir), Path(args.output)
+    if args.report_only:  # redraw the report and plots from a previous run's benchmarks.json
+        results = json.loads((output.parent / "benchmarks.json").read_text())
+        results["model_only"] = {name: {int(batch): value for batch, value in values.items()}  # JSON keys are text
+                                 for name, values in results["model_only"].items()}
+        write_reports(results, output)
+        print(json.dumps(ratios(results), indent=2))
+        return results
     samples = sorted(p for p in Path(args.samples).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     if not samples:
         raise SystemExit(f"no sample X-rays under {args.samples}")
@@ -491,10 +506,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             bench.close()
         results["naive"] = run_naive(Path(args.checkpoint), payloads, args.concurrency, args.seconds, threads, scratch)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    plots = plot(results, output.parent)
-    (output.parent / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
-    output.write_text(markdown(results, plots))
+    write_reports(results, output)
     print(json.dumps(ratios(results), indent=2))
     print(f"report: {output}")
     return results
@@ -517,6 +529,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="per load")
     parser.add_argument("--model-seconds", type=float, default=2.0, help="per model-only cell")
     parser.add_argument("--machine", default=None, help="how to name the machine in the report")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from benchmarks.json")
     parser.add_argument("--only", nargs="*", default=[], metavar="VARIANT,BATCH,DELAY,WORKERS,THREADS",
                         help="run these configurations (plus the shipped one) instead of the matrix")
     parser.add_argument("--handler", nargs="*", default=[], metavar="KEY=VALUE",

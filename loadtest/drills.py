@@ -163,8 +163,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Reliability drills", "",
              f"Written by `make drills` on {results['machine']} ({results['date']}): one TorchServe of our own with "
              f"the shipped default archive and settings, the load generator on the same machine, loopback only. "
-             f"Maximum throughput measured first: **{results['peak']:.1f} X-rays/s** ({results['concurrency']} "
-             "clients).", "",
+             f"Workers: {results.get('workers', 1)}. Maximum throughput measured first: **{results['peak']:.1f} "
+             f"X-rays/s** ({results['concurrency']} clients).", "",
              "| drill | goal | measured | |", "|---|---|---|---|",
              f"| soak: {s['seconds'] / 60:.1f} min at 80% of max ({s['rate']:.1f}/s) | 0 failures, RSS growth < 10% | "
              f"{s['failures']} failures of {s['requests']}; p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; RSS "
@@ -206,6 +206,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bench = BenchServer(scratch / "serve", store)
         try:
             bench.client.register("drill.mar", "drill", initial_workers=1)
+            workers = bench.client.describe("drill")[0]["minWorkers"]  # the archive's own setting
+            bench.client.scale("drill", workers)
+            results["workers"] = workers
             closed_loop(bench.target("drill"), payloads, args.concurrency, 3)
             results["peak"] = closed_loop(bench.target("drill"), payloads, args.concurrency, args.seconds)["throughput"]
             print(f"max throughput {results['peak']:.1f}/s", flush=True)
