@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_ROOT = Path(os.environ.get("CXR_DATA") or REPO.parent / "shared" / "data" / "pneumonia")
+DATA_ROOT = Path(os.environ.get("CXR_DATA") or REPO.parent / "shared" / "data" / "pneumonia").resolve()
 SHARED_DATA = DATA_ROOT.parent
 SHIPPED_MODEL = REPO / "models" / "pneumonia" / "model.pt"
 

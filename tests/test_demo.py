@@ -72,7 +72,7 @@ def upload(driver, path: Path) -> None:
 
     field = driver.find_element(By.ID, "file")
     driver.execute_script("arguments[0].style.display = 'block';", field)  # hidden behind its styled label
-    field.send_keys(str(path))
+    field.send_keys(str(path.resolve()))  # the browser needs an absolute path
 
 
 def test_upload_shows_label_probabilities_and_heatmap(browser, page, sample_paths):
