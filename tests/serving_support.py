@@ -11,21 +11,12 @@ import pytest
 from cxr import server
 from export import __main__ as export_cli
 from export import archive as archive_cli
+from loadtest.bench import free_ports
 from tests.handler_support import write_tiny_checkpoint
 
 # Not imported from conftest, which imports this module for its `served` fixture.
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pneumonia" / "model.pt"
 SHIPPED_CXR4 = SHIPPED_MODEL.parent.parent / "cxr4" / "model.pt"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 class Client:
