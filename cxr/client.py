@@ -12,10 +12,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cxr.server import DEFAULT_PORTS
+
+
+class _Transient(Exception):
+    """A failure worth retrying; `error` is what the caller gets when the retries run out."""
+
+    def __init__(self, error: PredictionError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class PredictionError(Exception):
@@ -46,6 +55,18 @@ class Client:
         keys = json.loads(Path(path).read_text())
         return cls({"inference": keys["inference"]["key"], "management": keys["management"]["key"]}, **options)
 
+    def _retrying(self, attempt_once: Callable[[], Any]) -> Any:
+        """Run `attempt_once`; when it raises `_Transient` (connection refused, 503, gRPC UNAVAILABLE), try again
+        with exponential back-off, at most `retries` times, then raise the error it carries."""
+        for attempt in range(self.retries + 1):
+            try:
+                return attempt_once()
+            except _Transient as transient:
+                if attempt == self.retries:
+                    raise transient.error from transient.__cause__
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     # --- REST -------------------------------------------------------------------------------------------
     def _rest(self, path: str, body: bytes | None = None, api: str = "inference", method: str | None = None,
               content_type: str = "application/octet-stream") -> Any:
@@ -53,28 +74,25 @@ class Client:
         if body is not None:
             headers["Content-Type"] = content_type
         url = f"http://{self.host}:{self.ports[api]}{path}"
-        for attempt in range(self.retries + 1):
+
+        def once() -> Any:
             request = urllib.request.Request(url, data=body, headers=headers, method=method)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read() or b"null")
             except urllib.error.HTTPError as error:
                 text = error.read().decode(errors="replace")
-                if error.code == 503 and attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
                 try:
                     payload = json.loads(text)
                     message = payload.get("error") or payload.get("message") or text
                 except (ValueError, AttributeError):
                     message = text
-                raise PredictionError(error.code, message) from error
+                refused = PredictionError(error.code, message)
+                raise (_Transient(refused) if error.code == 503 else refused) from error
             except (urllib.error.URLError, ConnectionError) as error:
-                if attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                raise PredictionError(503, f"cannot reach {url}: {error}") from error
-        raise AssertionError("unreachable")
+                raise _Transient(PredictionError(503, f"cannot reach {url}: {error}")) from error
+
+        return self._retrying(once)
 
     # --- gRPC -------------------------------------------------------------------------------------------
     def _grpc_call(self, api: str, method: str, request: Any) -> Any:
@@ -90,16 +108,16 @@ class Client:
         service = getattr(module, "InferenceAPIsServiceStub" if api == "inference" else
                           "ManagementAPIsServiceStub")(self._channels[port])
         metadata = (("authorization", f"Bearer {self.keys[api]}"),)
-        for attempt in range(self.retries + 1):
+
+        def once() -> Any:
             try:
                 return getattr(service, method)(request, metadata=metadata, timeout=self.timeout)
             except grpc.RpcError as error:
                 code = error.code().name
-                if code == "UNAVAILABLE" and attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                raise PredictionError(_GRPC_TO_HTTP.get(code, 500), error.details() or code) from error
-        raise AssertionError("unreachable")
+                refused = PredictionError(_GRPC_TO_HTTP.get(code, 500), error.details() or code)
+                raise (_Transient(refused) if code == "UNAVAILABLE" else refused) from error
+
+        return self._retrying(once)
 
     # --- calls ------------------------------------------------------------------------------------------
     def predict(self, image: bytes, model: str = "pneumonia", version: str | None = None,
