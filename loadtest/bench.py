@@ -41,11 +41,11 @@ from cxr import server
 from cxr.backends import load_backend
 from cxr.client import Client
 from cxr.preprocessing import EvalPreset, PreprocessConfig, load_image
+from cxr.timing import images_per_second
+from export import __main__ as export_cli
 from export import archive as archive_cli
 
 REPO = Path(__file__).resolve().parent.parent
-BACKENDS = {"eager": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
-ARCHIVE_VARIANT = {"eager": "eager", "torchscript": "ts", "onnx": "onnx", "int8": "int8"}
 BASE_CONFIG = REPO / "handlers" / "model-config.yaml"
 
 
@@ -64,7 +64,7 @@ def model_only(export_dir: Path, images: list[bytes], batches: list[int], thread
                ) -> dict[str, dict[int, float]]:
     """Images/s of each backend at each batch size: median over repeats of one predict() call."""
     results: dict[str, dict[int, float]] = {}
-    for name, file_name in tqdm(BACKENDS.items(), desc="model only"):
+    for name, file_name in tqdm(export_cli.FILE_NAMES.items(), desc="model only"):
         path = export_dir / file_name
         if not path.is_file():
             continue
@@ -75,14 +75,8 @@ def model_only(export_dir: Path, images: list[bytes], batches: list[int], thread
         for batch_size in batches:
             batch = tensors[:batch_size] if batch_size <= len(tensors) else tensors.repeat(
                 (batch_size + len(tensors) - 1) // len(tensors), 1, 1, 1)[:batch_size]
-            for _ in range(3):
-                backend.predict(batch)
-            timings, deadline = [], time.perf_counter() + seconds
-            while time.perf_counter() < deadline or len(timings) < 5:
-                started = time.perf_counter()
-                backend.predict(batch)
-                timings.append(time.perf_counter() - started)
-            results[name][batch_size] = batch_size / float(np.median(timings))
+            results[name][batch_size] = images_per_second(backend.predict, batch, batch_size, repeats=5, warmup=3,
+                                                          min_seconds=seconds)
     return results
 
 
@@ -234,6 +228,15 @@ class BenchServer:
         self.keys = server.read_keys(workdir.resolve())
         self.client = Client(self.keys, ports=self.ports, timeout=300)
 
+    def register(self, name: str) -> int:
+        """Register `<name>.mar` and wait for as many workers as its model-config.yaml asks for (registration
+        itself starts one); returns that worker count."""
+        self.client.register(f"{name}.mar", name, initial_workers=1)
+        described = self.client.describe(name)[0]
+        if len(described.get("workers", [])) < described["minWorkers"]:
+            self.client.scale(name, described["minWorkers"])
+        return described["minWorkers"]
+
     def target(self, model: str) -> Target:
         return Target(self.ports["inference"], f"/predictions/{model}",
                       {"Authorization": f"Bearer {self.keys['inference']}", "Content-Type": "image/jpeg"})
@@ -264,12 +267,8 @@ def build_variant(export_dir: Path, store: Path, staged: Path, variant: str, bat
 
 def run_config(bench: BenchServer, name: str, payloads: list[bytes], concurrency: int, seconds: float,
                sweep: bool) -> dict[str, Any]:
-    bench.client.register(f"{name}.mar", name, initial_workers=1)
+    bench.register(name)
     try:
-        described = bench.client.describe(name)[0]
-        wanted = described["minWorkers"]
-        if len(described.get("workers", [])) < wanted:
-            bench.client.scale(name, wanted)
         target = bench.target(name)
         closed_loop(target, payloads, concurrency, min(3.0, seconds))  # warm-up
         result = {"max": closed_loop(target, payloads, concurrency, seconds)}
@@ -279,6 +278,7 @@ def run_config(bench: BenchServer, name: str, payloads: list[bytes], concurrency
             peak = result["max"]["throughput"]
             result["load"] = {f"{share}%": open_loop(target, payloads, peak * share / 100, seconds)
                               for share in (50, 80, 100)}
+            result["single"] = closed_loop(target, payloads, 1, seconds)  # a lone request, for the profile
         return result
     finally:
         bench.client.unregister(name, "1.0")
@@ -363,7 +363,7 @@ def plot(results: dict[str, Any], folder: Path) -> list[str]:
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
     default = results["e2e"][results["default_config"]]
-    backend = {v: k for k, v in ARCHIVE_VARIANT.items()}[results["default_variant"]]
+    backend = archive_cli.REPORT_NAMES[results["default_variant"]]
     served_batch = results["served_batch"]
     model_limit = results["model_only"][backend][served_batch]
     at80 = default["load"]["80%"]
@@ -401,7 +401,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
               "failures | RSS frontend / workers (MB) | vs model only |", "|---|---|---|---|---|---|---|---|"]
     for name, block in results["e2e"].items():
         variant, batch = name.split("_")[1], int(name.split("_b")[1].split("_")[0])
-        backend = {v: k for k, v in ARCHIVE_VARIANT.items()}[variant]
+        backend = archive_cli.REPORT_NAMES[variant]
         limit = results["model_only"].get(backend, {}).get(batch)
         m = block["max"]
         workers = " + ".join(f"{x:.0f}" for x in block["rss_mb"]["workers"])
@@ -496,10 +496,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 name = build_variant(export_dir, store, staged, *config, handler=handler_settings)
                 sweep = name == results["default_config"]
                 results["e2e"][name] = run_config(bench, name, payloads, args.concurrency, args.seconds, sweep)
-                if sweep:  # one client: the latency of a lone request, for the profile
-                    bench.client.register(f"{name}.mar", name, initial_workers=1)
-                    results["single"] = closed_loop(bench.target(name), payloads, 1, args.seconds)
-                    bench.client.unregister(name, "1.0")
+                if sweep:
+                    results["single"] = results["e2e"][name].pop("single")
                 m = results["e2e"][name]["max"]
                 tqdm.write(f"{name}: {m['throughput']:.1f}/s p50 {m['p50_ms']:.0f} p99 {m['p99_ms']:.0f} ms, "
                            f"failures {m['failures']}")

@@ -205,10 +205,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         archive_cli.build_archive(export_dir / archive_cli.VARIANTS[variant], "drill", "1.0", store, staged)
         bench = BenchServer(scratch / "serve", store)
         try:
-            bench.client.register("drill.mar", "drill", initial_workers=1)
-            workers = bench.client.describe("drill")[0]["minWorkers"]  # the archive's own setting
-            bench.client.scale("drill", workers)
-            results["workers"] = workers
+            results["workers"] = bench.register("drill")
             closed_loop(bench.target("drill"), payloads, args.concurrency, 3)
             results["peak"] = closed_loop(bench.target("drill"), payloads, args.concurrency, args.seconds)["throughput"]
             print(f"max throughput {results['peak']:.1f}/s", flush=True)
