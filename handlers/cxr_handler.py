@@ -235,20 +235,19 @@ class XrayHandler(BaseHandler):
         labels = predict_labels(probabilities, self.positive_index, self.threshold)
         output, cursor = [], 0
         for index, item in enumerate(prepared):
-            if not isinstance(item, RequestError):
-                scores = None if gate_scores is None else gate_scores[cursor:cursor + len(item)]
+            if not isinstance(item, RequestError):  # this request's rows of the batch: start .. cursor
+                start, cursor = cursor, cursor + len(item)
+                scores = None if gate_scores is None else gate_scores[start:cursor]
                 if scores is not None and (scores > self.gate.limit).any():
-                    cursor += len(item)
                     item = self._not_an_xray(scores)
             if isinstance(item, RequestError):
                 self._metric("add_counter", "CxrRejected", 1, {"Reason": item.reason})
                 output.append(self._refuse(index, item))
                 continue
-            answers = [self._answer(probabilities[cursor + k], labels[cursor + k],
+            answers = [self._answer(probabilities[start + k], labels[start + k],
                                     None if scores is None else float(scores[k])) for k in range(len(item))]
             for answer in answers:
                 self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
-            cursor += len(item)
             if self._explain_requested(index):
                 try:
                     answers = self._explain(item, answers)
