@@ -57,16 +57,13 @@ class Demo:
 
     def __init__(self, client: Client, models: list[str], samples: Path | None) -> None:
         self.client, self.models, self.samples = client, models, samples
+        # The sample folder is listed once: the page offers exactly these files and serves nothing else.
+        self.sample_names = [] if samples is None or not samples.is_dir() else sorted(
+            str(p.relative_to(samples)) for p in samples.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
 
-    def sample_names(self) -> list[str]:
-        if self.samples is None or not self.samples.is_dir():
-            return []
-        return sorted(str(p.relative_to(self.samples)) for p in self.samples.rglob("*")
-                      if p.suffix.lower() in IMAGE_SUFFIXES)
-
     def sample_bytes(self, name: str) -> bytes | None:
-        if name not in self.sample_names():  # only listed files: no path tricks
+        if name not in self.sample_names:  # only listed files: no path tricks
             return None
         return (self.samples / name).read_bytes()
 
@@ -123,7 +120,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(404, {"error": "not found"})
             return self._send(200, path.read_bytes(), mimetypes.guess_type(name)[0] or "application/octet-stream")
         if url.path == "/api/config":
-            return self._json(200, {"models": self.demo.models, "samples": self.demo.sample_names()})
+            return self._json(200, {"models": self.demo.models, "samples": self.demo.sample_names})
         if url.path == "/api/health":
             try:
                 return self._json(200, {"torchserve": self.demo.client.ping()})
