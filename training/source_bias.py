@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
@@ -32,9 +31,9 @@ from training.evaluate import evaluate_checkpoint, predict_dataset
 
 def image_statistics(path: Path) -> np.ndarray:
     """32-bin normalised histogram of the grey levels, mean, std, and the file's width and height."""
-    with Image.open(path) as opened:
-        width, height = opened.size
-    pixels = np.asarray(load_image(path), dtype=np.float64) / 255.0
+    image = load_image(path)
+    width, height = image.size
+    pixels = np.asarray(image, dtype=np.float64) / 255.0
     histogram = np.histogram(pixels, bins=32, range=(0, 1))[0] / pixels.size
     return np.concatenate([histogram, [pixels.mean(), pixels.std(), width / 1000, height / 1000]])
 
