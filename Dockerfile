@@ -1,6 +1,6 @@
 # cxr-serve: TorchServe with our archives, built at image build time from the committed models.
 # One image for CPU and GPU hosts: the pinned torch wheels are CUDA builds that also run on CPU, and
-# TorchServe uses the GPUs the container runtime exposes (docker compose --profile gpu).
+# TorchServe uses the GPUs the container runtime exposes (docker compose -f docker-compose.yml -f docker-compose.gpu.yml).
 #   docker build -t cxr-serve:latest .
 FROM python:3.11-slim-bookworm
 
@@ -21,12 +21,13 @@ COPY cxr/ cxr/
 COPY handlers/ handlers/
 COPY export/ export/
 COPY models/ models/
+COPY tests/fixtures/xrays/ tests/fixtures/xrays/
 COPY docker/config.properties /home/model-server/config.properties
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
     && python -m cxr.grpc_stubs
 
-# The archives, exactly as `make archive` builds them. No X-rays exist inside the image, so the exports are
-# checked on synthetic inputs and the int8 variant (which needs real images to calibrate) is left out.
+# The archives, exactly as `make archive` builds them. The data set is not inside the image, so the exports are
+# checked on the example X-rays and the int8 variant (which needs the training images to calibrate) is left out.
 RUN mkdir -p /home/model-server/model-store \
     && for name in pneumonia cxr4; do \
          python -m export --checkpoint "models/$name/model.pt" --data /nonexistent --output-dir "/tmp/export-$name" \

@@ -1,75 +1,87 @@
 # The two commands that do everything on a fresh machine: `make serve` and `make test`.
 SHELL := /bin/bash
+PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CXR_DATA ?= ../shared/data/pneumonia
+
+# The data root: it holds pneumonia/, multiclass/ and samples/ (see README, Data). Without it everything still
+# runs on the example X-rays committed in tests/fixtures/xrays/.
+CXR_DATA ?= $(abspath ../shared/data)
 export CXR_DATA
 
-MODEL ?= models/pneumonia/model.pt
-CXR4_MODEL := models/cxr4/model.pt
-CXR4_DATA ?= ../shared/data/multiclass
+# Models `make serve` starts (each with its _eager archive for explanations): MODELS=pneumonia on a laptop.
+MODELS ?= pneumonia cxr4
+# `make export` / `make archive` work on one model: NAME, its CHECKPOINT and EXPORT_DIR. VERSION 1.0 archives are
+# model_store/<name>.mar and <name>_<variant>.mar; any other VERSION adds -<version> to each file name, so it
+# never overwrites the running version and `cxr deploy <name>-<version>.mar` takes it as it is.
+NAME ?= pneumonia
+CHECKPOINT ?= models/$(NAME)/model.pt
+EXPORT_DIR ?= runs/export-$(NAME)
 VERSION ?= 1.0
 DEFAULT_VARIANT ?= auto
+THRESHOLD ?=
+DATA_pneumonia := $(CXR_DATA)/pneumonia
+DATA_cxr4 := $(CXR_DATA)/multiclass
+GATE := models/gate/ood_gate.pt
+ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr/*.py)
+# Reports of commands that measure go here; `REPORTS=docs` refreshes the committed ones on purpose.
+REPORTS ?= runs/reports
 
-.PHONY: setup java browser serve stop test lint train train-candidates evaluate compare ship export archive calibrate gate loadtest bench train-cxr4 ship-cxr4 source-bias clean
+.PHONY: setup python java browser serve stop test test-fast lint train train-candidates evaluate compare ship \
+	export archive calibrate gate loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
 
+python:
+	@scripts/system-deps.sh python $(PYTHON)
+
 # Re-installs only when requirements.txt changes; otherwise a no-op.
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	@scripts/system-deps.sh python $(PYTHON)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m cxr.grpc_stubs
 	touch $@
 
-# TorchServe's frontend is Java: install Java 17 when no java is on the PATH.
+# TorchServe's frontend is Java >= 17: installed with apt (sudo when not root) when missing or older.
 java:
-	@command -v java >/dev/null || { echo "installing Java 17"; apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }
+	@scripts/system-deps.sh java
 
 # The demo page's browser test drives Debian's Chromium; without it (or without apt) that test skips.
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "installing chromium"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
-		>/dev/null) || echo "could not install chromium: the browser test will skip"; }
+	@scripts/system-deps.sh browser
 
-# Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on, and the
-# demo page on http://127.0.0.1:8090/ (it talks to TorchServe server-side).
-# The _eager archives answer the page's Grad-CAM requests (/explanations/<model>_eager).
-serve: setup model_store/pneumonia.mar model_store/cxr4.mar
-	$(PY) -m cxr.server start --workdir logs/serve --models pneumonia=pneumonia.mar cxr4=cxr4.mar \
-		pneumonia_eager=pneumonia_eager.mar cxr4_eager=cxr4_eager.mar
-	$(PY) -m cxr.demo start --workdir logs/serve --models pneumonia cxr4
+# Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on, serving
+# $(MODELS) and their _eager archives (Grad-CAM), and the demo page on http://127.0.0.1:8090/.
+serve: setup $(foreach m,$(MODELS),model_store/$(m).mar)
+	$(PY) -m cxr.server start --workdir logs/serve --models $(foreach m,$(MODELS),$(m)=$(m).mar $(m)_eager=$(m)_eager.mar)
+	$(PY) -m cxr.demo start --workdir logs/serve --models $(MODELS)
 
 stop:
 	@test -x $(PY) && $(PY) -m cxr.demo stop --workdir logs/serve || true
 	@test -x $(PY) && $(PY) -m cxr.server stop --workdir logs/serve || echo "nothing to stop"
 
-# TorchScript / ONNX / int8 exports of $(MODEL), each checked against eager on the val images.
-runs/export/model.onnx: $(MODEL) | $(STAMP)
-	$(PY) -m export --checkpoint $(MODEL) --output-dir runs/export
+# The shipped models' exports and version-1.0 archives, built once (make serve depends on them).
+# PRECIOUS: make would otherwise delete the exports as intermediate files; `make archive` and `make bench` read them.
+.PRECIOUS: runs/export-%/model.onnx
+runs/export-%/model.onnx: models/%/model.pt | $(STAMP)
+	$(PY) -m export --checkpoint $< --data $(DATA_$*) --output-dir runs/export-$*
 
+model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
+	$(PY) -m export.archive --export-dir runs/export-$* --model-store model_store --name $* --version 1.0
+
+# Export any checkpoint (TorchScript / ONNX / int8, each checked against eager); THRESHOLD=0.5 embeds another
+# operating point in every exported file without touching the checkpoint.
 export: setup
-	$(PY) -m export --checkpoint $(MODEL) --output-dir runs/export --report docs/export.md
+	$(PY) -m export --checkpoint $(CHECKPOINT) --data $(or $(DATA),$(DATA_$(NAME)),$(DATA_pneumonia)) \
+		--output-dir $(EXPORT_DIR) --report $(REPORTS)/export.md $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
-# pneumonia.mar (the default variant) and pneumonia_{eager,ts,onnx,int8}.mar in model_store/.
-model_store/pneumonia.mar: runs/export/model.onnx models/gate/ood_gate.pt handlers/cxr_handler.py handlers/model-config.yaml \
-		$(wildcard cxr/*.py)
-	$(PY) -m export.archive --export-dir runs/export --model-store model_store --version $(VERSION) \
-		--default $(DEFAULT_VARIANT)
-
-# The same for the 4-class model: cxr4.mar and cxr4_{eager,ts,onnx,int8}.mar.
-runs/export-cxr4/model.onnx: $(CXR4_MODEL) | $(STAMP)
-	$(PY) -m export --checkpoint $(CXR4_MODEL) --data $(CXR4_DATA) --output-dir runs/export-cxr4
-
-model_store/cxr4.mar: runs/export-cxr4/model.onnx models/gate/ood_gate.pt handlers/cxr_handler.py \
-		handlers/model-config.yaml $(wildcard cxr/*.py)
-	$(PY) -m export.archive --export-dir runs/export-cxr4 --model-store model_store --name cxr4 --version $(VERSION) \
-		--default $(DEFAULT_VARIANT)
-
-archive: setup model_store/pneumonia.mar model_store/cxr4.mar
+# Archives of $(EXPORT_DIR) for $(NAME) at $(VERSION); always rebuilt.
+archive: setup
+	$(PY) -m export.archive --export-dir $(EXPORT_DIR) --model-store model_store --name $(NAME) \
+		--version $(VERSION) --default $(DEFAULT_VARIANT)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -77,26 +89,33 @@ lint: setup
 test: setup browser lint
 	$(PY) -m pytest
 
-# The shipped default model, exactly as it was trained (see README "Training").
+# Unit and handler tests only: no TorchServe, no browser, no real-data evaluations (about a minute).
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not integration"
+
+# The shipped default model, exactly as it was trained (see docs/pneumonia/README.md).
 train: setup
-	$(PY) -m training.train --arch $(or $(ARCH),resnet18) --image-size 128 --epochs 12 --batch-size 32 \
-		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
-		--output-dir runs/$(or $(ARCH),resnet18)
+	$(PY) -m training.train --data $(DATA_pneumonia) --arch $(or $(ARCH),resnet18) --image-size 128 --epochs 12 \
+		--batch-size 32 --lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 \
+		--seed 0 --output-dir runs/$(or $(ARCH),resnet18)
 
 # Locust, headless, against the server of `make serve` (loopback only). Override DURATION, USERS, SPAWN,
 # PROTOCOL (rest|grpc), NAME (model). Reports go to logs/loadtest/<run>/.
 loadtest: setup
 	$(PY) -m loadtest.run --duration $(or $(DURATION),60) --users $(or $(USERS),8) --spawn-rate $(or $(SPAWN),8) \
-		--protocol $(or $(PROTOCOL),rest) --model $(or $(NAME),pneumonia)
+		--protocol $(or $(PROTOCOL),rest) --model $(NAME)
 
-# The benchmark matrix (model-only, TorchServe end to end, naive FastAPI baseline) -> docs/benchmarks.md.
+# The benchmark matrix (model-only, TorchServe end to end, naive FastAPI baseline) -> $(REPORTS)/benchmarks.md.
 bench: setup model_store/pneumonia.mar
-	$(PY) -m loadtest.bench --export-dir runs/export --model-store model_store --output docs/benchmarks.md \
-		$(BENCH_ARGS)
+	$(PY) -m loadtest.bench --export-dir runs/export-pneumonia --output $(REPORTS)/benchmarks.md $(BENCH_ARGS)
+
+# Reliability drills (soak, worker crash, overload, malformed storm) -> $(REPORTS)/reliability.md. About 15 min.
+drills: setup model_store/pneumonia.mar
+	$(PY) -m loadtest.drills --export-dir runs/export-pneumonia --output $(REPORTS)/reliability.md $(DRILL_ARGS)
 
 # The 4-class model (NORMAL / PNEUMONIA / TUBERCULOSIS / COVID19) exactly as shipped, then its reports.
 train-cxr4: setup
-	$(PY) -m training.train --data $(CXR4_DATA) --arch resnet18 --image-size 128 --epochs 14 --batch-size 32 \
+	$(PY) -m training.train --data $(DATA_cxr4) --arch resnet18 --image-size 128 --epochs 14 --batch-size 32 \
 		--lr 2e-3 --weight-decay 0.05 --channels-last --half-checkpoint --threads 2 --workers 1 --seed 0 \
 		--output-dir runs/cxr4-resnet18
 
@@ -108,31 +127,35 @@ ship-cxr4:
 
 # How much of the 4-class model's skill is the source (cross-source probe, statistics-only model).
 source-bias: setup
-	$(PY) -m training.source_bias --checkpoint $(CXR4_MODEL) --data $(CXR4_DATA) \
-		--probe ../shared/data/pneumonia/test --output docs/cxr4/source_bias.md
-
-# Reliability drills (soak, worker crash, overload, malformed storm) -> docs/reliability.md. About 15 min.
-drills: setup model_store/pneumonia.mar
-	$(PY) -m loadtest.drills --export-dir runs/export --output docs/reliability.md $(DRILL_ARGS)
+	$(PY) -m training.source_bias --checkpoint models/cxr4/model.pt --data $(DATA_cxr4) \
+		--probe $(DATA_pneumonia)/test --output $(REPORTS)/cxr4/source_bias.md
 
 # The architecture comparison: every candidate with the same budget, into runs/<arch>/.
 train-candidates: setup
 	PYTHON=$(PY) training/train_candidates.sh
 
-# Temperature scaling on val + the threshold re-chosen on calibrated probabilities (training does this itself).
+# Temperature scaling on val + the threshold re-chosen on calibrated probabilities, into a new checkpoint
+# runs/calibrate/model.pt (training does this itself; `make ship` would make it the default).
 calibrate: setup
-	$(PY) -m training.calibrate --checkpoint $(MODEL) --report-dir $(or $(OUT),docs/pneumonia)
+	$(PY) -m training.calibrate --checkpoint $(CHECKPOINT) --data $(DATA_pneumonia) \
+		--output runs/calibrate/model.pt --report-dir runs/calibrate
 
-# The out-of-distribution gate packed into every archive, fitted on the train X-rays of both datasets.
+# The out-of-distribution gate, fitted on the train X-rays of both datasets, into runs/gate/; copy
+# runs/gate/ood_gate.pt to models/gate/ to ship it.
 gate: setup
-	$(PY) -m training.fit_gate --data ../shared/data/pneumonia --data ../shared/data/multiclass
+	$(PY) -m training.fit_gate --data $(DATA_pneumonia) --data $(DATA_cxr4) --output runs/gate/ood_gate.pt \
+		--report runs/gate/gate.md
+
+# Grad-CAM overlays of the sample X-rays -> $(REPORTS)/explanations/.
+explain: setup
+	$(PY) -m cxr.explain $(wildcard $(CXR_DATA)/samples/*/*.jpeg) --out-dir $(REPORTS)/explanations
 
 evaluate: setup
-	$(PY) -m training.evaluate --checkpoint $(or $(CHECKPOINT),models/pneumonia/model.pt) --split test \
+	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --data $(DATA_pneumonia) --split test \
 		--output-dir $(or $(OUT),runs/evaluate)
 
 compare: setup
-	$(PY) -m training.compare $(wildcard runs/*/model.pt) --output docs/model_comparison.md
+	$(PY) -m training.compare $(wildcard runs/*/model.pt) --output $(REPORTS)/model_comparison.md
 
 # Make runs/$(ARCH) the shipped default: its model.pt, and its curves and reports under docs/pneumonia/.
 ship:

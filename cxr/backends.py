@@ -1,7 +1,8 @@
 """One interface over the model files we serve: an eager checkpoint (`.pt`), TorchScript (`.ts`) and ONNX
 (`.onnx`, fp32 or int8). Each file carries its own serving config (class names, preprocessing, threshold),
-so the handler needs nothing but the file. `predict` takes a preprocessed float batch and returns calibrated
-softmax probabilities (logits divided by the checkpoint's fitted temperature) as a NumPy array.
+so the handler needs nothing but the file. `run` takes a preprocessed float batch and returns calibrated
+softmax probabilities (logits divided by the checkpoint's fitted temperature) and the population check's
+scores (None for a model without one: cxr.population), as NumPy arrays; `predict` only the probabilities.
 """
 
 from __future__ import annotations
@@ -14,38 +15,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
-from cxr.metrics import softmax
+from cxr.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, serving_config
+from cxr.decision import calibrated_probabilities
+from cxr.population import CHECKPOINT_KEY, CheckedModel
+from cxr.variants import variant_of
 
 CONFIG_KEY = "cxr_config.json"
 
 
+Prediction = tuple[np.ndarray, np.ndarray | None]  # (probabilities, population scores or None)
+
+
 class TorchBackend:
-    """Eager checkpoint or TorchScript module on CPU or CUDA (optionally fp16 on CUDA)."""
+    """Eager checkpoint or TorchScript module on CPU or CUDA (optionally fp16 on CUDA). `model` is the
+    classifier (Grad-CAM hooks it); `network` what runs: the classifier fused with its population check when
+    `check` is given (an exported TorchScript module already returns both)."""
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], device: str = "cpu", half: bool = False,
-                 name: str = "eager") -> None:
+                 name: str = "eager", check: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.half = half and self.device.type == "cuda"
         self.model = model.to(self.device).eval()
+        self.network = CheckedModel(self.model, check).to(self.device).eval() if check else self.model
         if self.half:
-            self.model = self.model.half()
-        self.config = config
-        self.temperature = float(config.get("temperature", 1.0))
+            self.network = self.network.half()
+        self.config = ServingConfig.from_dict(config)
         self.name = name
 
-    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
         batch = torch.as_tensor(batch).to(self.device)
         with torch.inference_mode():
-            logits = self.model(batch.half() if self.half else batch)
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
+            output = self.network(batch.half() if self.half else batch)
+        logits, population = output if isinstance(output, tuple) else (output, None)
+        probabilities = calibrated_probabilities(logits.float().cpu().numpy(), self.config.temperature)
+        return probabilities, None if population is None else population.float().cpu().numpy()
+
+    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
 
 
 class OnnxBackend:
     """ONNX Runtime session: CUDA execution provider when asked and available, CPU otherwise."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool = True, name: str = "onnx") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -65,32 +78,35 @@ class OnnxBackend:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_KEY not in metadata:
             raise ValueError(f"{path}: ONNX file has no {CONFIG_KEY} metadata (export it with `python -m export`)")
-        self.config = json.loads(metadata[CONFIG_KEY])
-        self.temperature = float(self.config.get("temperature", 1.0))
-        self.name = "onnx"
+        self.config = ServingConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        self.name = name
         self.providers = self.session.get_providers()
 
-    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
         array = batch.numpy() if isinstance(batch, torch.Tensor) else batch
-        logits = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})[0]
-        return softmax(logits.astype(np.float64) / self.temperature).astype(np.float32)
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})
+        population = outputs[1].astype(np.float32) if len(outputs) > 1 else None  # second output: the check
+        return calibrated_probabilities(outputs[0], self.config.temperature), population
+
+    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
 
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
                  half: bool = False, spin: bool = True) -> TorchBackend | OnnxBackend:
-    """Pick the runtime from the file name: `.onnx` -> ONNX Runtime, `.ts` -> TorchScript, `.pt` -> checkpoint."""
+    """Pick the runtime from the file name (`cxr.variants`): ONNX Runtime, TorchScript or the checkpoint."""
     path = Path(path)
+    variant = variant_of(path)
     if threads and device == "cpu":
         torch.set_num_threads(threads)
-    if path.suffix == ".onnx":
-        return OnnxBackend(path, device, threads, spin)
-    if path.suffix == ".ts":
+    if variant.runtime == "onnxruntime":
+        return OnnxBackend(path, device, threads, spin, name=variant.label)
+    if variant.name == "ts":
         extra_files = {CONFIG_KEY: ""}
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
         if not extra_files[CONFIG_KEY]:
             raise ValueError(f"{path}: TorchScript file has no {CONFIG_KEY} (export it with `python -m export`)")
-        return TorchBackend(module, json.loads(extra_files[CONFIG_KEY]), device, half, name="torchscript")
-    if path.suffix == ".pt":
-        checkpoint = load_checkpoint(path)
-        return TorchBackend(model_from_checkpoint(checkpoint), serving_config(checkpoint), device, half)
-    raise ValueError(f"{path}: unknown model file type (expected .pt, .ts or .onnx)")
+        return TorchBackend(module, json.loads(extra_files[CONFIG_KEY]), device, half, name=variant.label)
+    checkpoint = load_checkpoint(path)
+    return TorchBackend(model_from_checkpoint(checkpoint), serving_config(checkpoint), device, half,
+                        check=checkpoint.get(CHECKPOINT_KEY))

@@ -10,13 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from cxr.decision import predict_labels
 from cxr.models import build_model
+from cxr.population import PopulationSettings, settings_of
 from cxr.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -112,17 +116,55 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+# The few figures embedded in exported files (and printed after training and evaluation).
+SUMMARY_KEYS = ("roc_auc", "macro_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 SERVING_KEYS = ("arch", "class_names", "positive_class", "threshold", "preprocessing", "data_manifest_sha256",
                 "git_commit", "created")
 
 
 def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """What a served model needs about itself; embedded in TorchScript and ONNX files so they stand alone."""
-    config = {key: checkpoint[key] for key in SERVING_KEYS}
+    """What a served model needs about itself, as the plain dict embedded in TorchScript and ONNX files so they
+    stand alone (`ServingConfig.from_dict` reads it back)."""
+    config = {key: checkpoint.get(key) for key in SERVING_KEYS}  # provenance may be absent mid-training
     config["temperature"] = float(checkpoint.get("temperature", 1.0))  # 1.0: checkpoints from before calibration
     config["metrics"] = {
-        split: {key: values[key] for key in ("roc_auc", "macro_auc", "accuracy", "sensitivity", "specificity")
-                if key in values}
+        split: {key: values[key] for key in SUMMARY_KEYS if key in values}
         for split, values in checkpoint.get("metrics", {}).items() if isinstance(values, dict)
     }
+    config["population"] = settings_of(checkpoint)  # None: no population check was fitted
     return config
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The one typed view of a model's serving config, whichever file it came from: classes, the positive
+    class (two-class models; None decides by argmax), threshold, temperature, preprocessing and the
+    population check's settings (None when the model has none)."""
+
+    arch: str
+    class_names: tuple[str, ...]
+    positive_class: str | None
+    threshold: float | None
+    temperature: float
+    preprocessing: PreprocessConfig
+    population: PopulationSettings | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ServingConfig:
+        return cls(arch=config["arch"], class_names=tuple(config["class_names"]),
+                   positive_class=config.get("positive_class"), threshold=config.get("threshold"),
+                   temperature=float(config.get("temperature", 1.0)),
+                   preprocessing=PreprocessConfig.from_dict(config["preprocessing"]),
+                   population=PopulationSettings.from_dict(config.get("population")))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ServingConfig:
+        return cls.from_dict(serving_config(checkpoint))
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.class_names.index(self.positive_class) if self.positive_class is not None else None
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class indices: p(positive) >= threshold for a two-class model with a threshold, else argmax."""
+        return predict_labels(probabilities, self.positive_index, self.threshold)

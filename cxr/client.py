@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cxr.server import DEFAULT_PORTS
+from cxr.server import DEFAULT_PORTS, read_key_file
 
 
 class _Transient(Exception):
@@ -28,12 +28,14 @@ class _Transient(Exception):
 
 
 class PredictionError(Exception):
-    """The server refused a request; `status` is the HTTP status (gRPC errors are mapped to it)."""
+    """The server refused a request; `status` is the HTTP status (gRPC errors are mapped to it), `details` the
+    rest of the refusal's JSON body (e.g. the population check's `population`, `intended_population`)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.details = details or {}
 
 
 # TorchServe maps HTTP statuses to gRPC codes; this maps them back for one error type on both protocols.
@@ -52,8 +54,7 @@ class Client:
 
     @classmethod
     def from_key_file(cls, path: str | Path = "logs/serve/key_file.json", **options: Any) -> Client:
-        keys = json.loads(Path(path).read_text())
-        return cls({"inference": keys["inference"]["key"], "management": keys["management"]["key"]}, **options)
+        return cls(read_key_file(path), **options)
 
     def _retrying(self, attempt_once: Callable[[], Any]) -> Any:
         """Run `attempt_once`; when it raises `_Transient` (connection refused, 503, gRPC UNAVAILABLE), try again
@@ -86,8 +87,10 @@ class Client:
                     payload = json.loads(text)
                     message = payload.get("error") or payload.get("message") or text
                 except (ValueError, AttributeError):
-                    message = text
-                refused = PredictionError(error.code, message)
+                    payload, message = {}, text
+                details = {k: v for k, v in payload.items() if k not in ("code", "error")} \
+                    if isinstance(payload, dict) else {}
+                refused = PredictionError(error.code, message, details)
                 raise (_Transient(refused) if error.code == 503 else refused) from error
             except (urllib.error.URLError, ConnectionError) as error:
                 raise _Transient(PredictionError(503, f"cannot reach {url}: {error}")) from error
@@ -114,7 +117,10 @@ class Client:
                 return getattr(service, method)(request, metadata=metadata, timeout=self.timeout)
             except grpc.RpcError as error:
                 code = error.code().name
-                refused = PredictionError(_GRPC_TO_HTTP.get(code, 500), error.details() or code)
+                details = error.details() or code
+                if code == "UNAVAILABLE" and "connect" in details.lower():  # the same words as REST's refusal
+                    details = f"cannot reach {self.host}:{port}: {details}"
+                refused = PredictionError(_GRPC_TO_HTTP.get(code, 500), details)
                 raise (_Transient(refused) if code == "UNAVAILABLE" else refused) from error
 
         return self._retrying(once)
@@ -131,7 +137,8 @@ class Client:
             answer = json.loads(self._grpc_call("inference", "Predictions", request).prediction)
             # TorchServe's gRPC frontend returns a handler's per-request 4xx as an OK call with its body.
             if isinstance(answer, dict) and "error" in answer and "code" in answer:
-                raise PredictionError(int(answer["code"]), answer["error"])
+                raise PredictionError(int(answer["code"]), answer["error"],
+                                      {k: v for k, v in answer.items() if k not in ("code", "error")})
             return answer
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         return self._rest(path, image)
@@ -155,8 +162,18 @@ class Client:
                                                                   api="management")]
 
     # --- management ------------------------------------------------------------------------------------
-    def describe(self, model: str, version: str = "all") -> list[dict[str, Any]]:
-        return self._rest(f"/models/{model}/{version}", api="management")
+    def describe(self, model: str, version: str = "all", customized: bool = False) -> list[dict[str, Any]]:
+        """TorchServe's describe; `customized` adds the handler's own (classes, threshold, intended population,
+        model card) as `customizedMetadata`, decoded."""
+        described = self._rest(f"/models/{model}/{version}" + ("?customized=true" if customized else ""),
+                               api="management")
+        for entry in described:
+            if isinstance(entry.get("customizedMetadata"), str):
+                try:
+                    entry["customizedMetadata"] = json.loads(entry["customizedMetadata"])
+                except ValueError:
+                    pass
+        return described
 
     def register(self, archive: str, model: str, initial_workers: int = 1) -> Any:
         """Register an archive of the model store (by file name) and wait until its workers are up."""

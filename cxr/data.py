@@ -5,22 +5,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from cxr.preprocessing import InvalidImageError, load_image
+from cxr.paths import data_root
+from cxr.preprocessing import EvalPreset, InvalidImageError, TrainPreset, load_image
 
-DEFAULT_DATA_ROOT = "../shared/data/pneumonia"
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 log = logging.getLogger(__name__)
 
 
-def resolve_data_root(data: str | None = None) -> Path:
-    """`--data` if given, else `$CXR_DATA`, else ../shared/data/pneumonia."""
-    return Path(data or os.environ.get("CXR_DATA") or DEFAULT_DATA_ROOT)
+def resolve_data_root(data: str | None = None, dataset: str = "pneumonia") -> Path:
+    """An ImageFolder root with train/val/test: `--data` if given, else `dataset` under the data root."""
+    return Path(data) if data else data_root() / dataset
 
 
 def discover_classes(split_dir: str | os.PathLike) -> list[str]:
@@ -43,7 +43,7 @@ class XrayFolder(Dataset):
     def __init__(
         self,
         split_dir: str | os.PathLike,
-        transform: Callable | None = None,
+        transform: EvalPreset | TrainPreset | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
         self.split_dir = Path(split_dir)
@@ -81,12 +81,11 @@ class XrayFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
         path, target = self.samples[index]
         try:
-            image = load_image(path, getattr(self.transform, "decode_size", None))
+            tensor = self.transform.load(path) if self.transform is not None else load_image(path)
         except (InvalidImageError, OSError) as error:
             log.warning("skipping unreadable image %s: %s", path, error)
             self.skipped.append(str(path))
             return None
-        tensor = self.transform(image) if self.transform is not None else image
         return tensor, target, index
 
 

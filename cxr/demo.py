@@ -28,7 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from cxr.client import Client, PredictionError
+from cxr.commands import command_parser
+from cxr.paths import samples_dir
 from cxr.preprocessing import InvalidImageError, load_image
+from cxr.server import read_key_file
 
 STATIC = Path(__file__).resolve().parent / "demo_static"
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +81,7 @@ class Demo:
         except PredictionError as error:
             status = error.status if 400 <= error.status < 500 else 502
             message = error.message if status < 500 else f"the model server did not answer: {error.message}"
-            return status, {"error": message}
+            return status, {"error": message, **(error.details if status < 500 else {})}
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
         try:
             result["overlay_png"] = explanation.result()["overlay_png"]
@@ -156,8 +159,7 @@ def make_server(port: int, demo: Demo) -> ThreadingHTTPServer:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    keys = json.loads(Path(args.key_file).read_text())
-    client = Client({"inference": keys["inference"]["key"], "management": keys["management"]["key"]},
+    client = Client(read_key_file(args.key_file),
                     ports={"inference": args.inference_port}, timeout=60, retries=1)
     samples = Path(args.samples) if args.samples else None
     server = make_server(args.port, Demo(client, args.models, samples))
@@ -209,14 +211,14 @@ def stop(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("action", choices=["serve", "start", "stop"])
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--workdir", default="logs/serve", help="where TorchServe's key file and our pid file live")
     parser.add_argument("--key-file", default=None, help="default: <workdir>/key_file.json")
     parser.add_argument("--inference-port", type=int, default=8080)
     parser.add_argument("--models", nargs="+", default=["pneumonia"])
-    parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"))
+    parser.add_argument("--samples", default=str(samples_dir()))
     args = parser.parse_args()
     args.key_file = args.key_file or str(Path(args.workdir).resolve() / "key_file.json")
     {"serve": _serve, "start": start, "stop": stop}[args.action](args)

@@ -76,19 +76,19 @@ def main() -> None:
     from pathlib import Path
 
     from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
-    from cxr.preprocessing import EvalPreset, load_image
+    from cxr.preprocessing import EvalPreset
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--checkpoint", default="models/pneumonia/model.pt")
-    parser.add_argument("--out-dir", default="docs/explanations", type=Path)
+    parser.add_argument("--out-dir", default="runs/explanations", type=Path)
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
     model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
     config = preprocess_config(checkpoint)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:
-        tensor = preset(load_image(path, preset.decode_size))
+        tensor = preset.load(path)
         with torch.no_grad():
             probabilities = torch.softmax(model(tensor[None]), dim=1)[0]
         target = int(probabilities.argmax())

@@ -8,14 +8,14 @@ the inference key, which is generated at start, so a plain HTTP probe cannot car
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cxr.client import Client, PredictionError
+from cxr.commands import command_parser
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--key-file", default="key_file.json")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--timeout", type=float, default=5.0)

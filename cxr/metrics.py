@@ -7,6 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from cxr.decision import apply_temperature, predict_labels
+
+# What a checkpoint records about each split it was scored on (training/calibrate.py).
+HEADLINE_KEYS = ("n", "roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1",
+                 "balanced_accuracy", "macro_auc", "confusion_matrix", "ci95", "threshold")
+
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their average rank."""
@@ -105,14 +111,6 @@ def per_class_metrics(matrix: np.ndarray, class_names: list[str]) -> dict[str, d
     return result
 
 
-def predict_labels(probabilities: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
-    """Binary with a threshold: positive when p(positive) >= threshold. Otherwise: argmax."""
-    if positive_index is not None and threshold is not None and probabilities.shape[1] == 2:
-        negative_index = 1 - positive_index
-        return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
-    return probabilities.argmax(axis=1)
-
-
 def _point_metrics(
     y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str], positive_index: int | None,
     threshold: float | None,
@@ -176,20 +174,6 @@ def classification_report(
             for key, values in samples.items()
         }
     return metrics
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exponentials = np.exp(shifted)
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
-
-
-def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits): log-probabilities differ from logits by a constant per row."""
-    if temperature == 1.0:
-        return probabilities
-    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-300, None))
-    return softmax(logits / temperature).astype(np.asarray(probabilities).dtype)
 
 
 def negative_log_likelihood(y_true: np.ndarray, probabilities: np.ndarray) -> float:

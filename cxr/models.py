@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision import models as tv_models
 
@@ -42,10 +41,3 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities for a batch, in float32 whatever the model's dtype."""
-    logits = model(batch)
-    return torch.softmax(logits.float(), dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,6 @@ class PreprocessConfig:
     std: tuple[float, ...] = (0.234,)
     resize: str = "squash"
     interpolation: str = "bilinear"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +50,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessConfig:
         values = dict(values)
+        values.pop("extra", None)  # an always-empty field that checkpoints written before 2026-11-26 carry
         values["mean"] = tuple(values["mean"])
         values["std"] = tuple(values["std"])
         return cls(**values)
@@ -201,6 +201,14 @@ class EvalPreset:
         tensor = v2.functional.pil_to_tensor(self.resize(image))
         return self.normalize(_to_channels(tensor, self.config.channels).float().div_(255.0))
 
+    def decode(self, source: bytes | str | os.PathLike | Image.Image) -> Image.Image:
+        """The upright grayscale image, decoded no larger than this preset needs (JPEG draft mode)."""
+        return load_image(source, self.decode_size)
+
+    def load(self, source: bytes | str | os.PathLike | Image.Image) -> torch.Tensor:
+        """Decode and preprocess one image into the model's (channels, size, size) input."""
+        return self(self.decode(source))
+
 
 class TrainPreset:
     """Training preprocessing: the eval resize plus augmentations that keep an X-ray an X-ray.
@@ -228,6 +236,9 @@ class TrainPreset:
             ]
         )
 
+    def load(self, source: bytes | str | os.PathLike | Image.Image) -> torch.Tensor:
+        return self(self.eval_preset.decode(source))
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = to_grayscale(image)
         config = self.eval_preset.config
@@ -238,8 +249,7 @@ class TrainPreset:
 
 def preprocess(source: bytes | str | os.PathLike | Image.Image, config: PreprocessConfig) -> torch.Tensor:
     """Decode and preprocess one image into a (channels, size, size) float tensor."""
-    preset = EvalPreset(config)
-    return preset(load_image(source, preset.decode_size))
+    return EvalPreset(config).load(source)
 
 
 def _repeat(config: PreprocessConfig) -> int:

@@ -9,10 +9,12 @@ and working folder, can coexist), writes its logs and `key_file.json` (the token
 
 from __future__ import annotations
 
-import argparse
+import glob
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +23,22 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from cxr.commands import command_parser
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                  "grpc_management": 7071}
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports that were free a moment ago (for tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def write_config(path: Path, model_store: Path, ports: dict[str, int] | None = None,
@@ -51,10 +66,48 @@ def write_config(path: Path, model_store: Path, ports: dict[str, int] | None = N
     return path
 
 
+class KeyFileError(ValueError):
+    """The key file is missing or not the JSON TorchServe writes; the message names the file."""
+
+
+def read_key_file(path: str | os.PathLike) -> dict[str, str]:
+    """{"inference": ..., "management": ...} from a key_file.json that TorchServe wrote."""
+    path = Path(path)
+    try:
+        keys = json.loads(path.read_text())
+        return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
+    except FileNotFoundError:
+        raise KeyFileError(f"no key file at {path} (start the server with `make serve`, or pass --key-file)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise KeyFileError(f"{path} is not a TorchServe key file ({type(error).__name__}: {error}); "
+                           "`make serve` writes a new one") from None
+
+
 def read_keys(workdir: Path) -> dict[str, str]:
-    """{"inference": ..., "management": ...} from the key_file.json TorchServe wrote."""
-    keys = json.loads((workdir / "key_file.json").read_text())
-    return {"inference": keys["inference"]["key"], "management": keys["management"]["key"]}
+    """The keys of the TorchServe running from `workdir`."""
+    return read_key_file(workdir / "key_file.json")
+
+
+def java_major(java: str) -> int:
+    """17 for a Java 17 binary, 0 when it does not run."""
+    try:
+        banner = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    found = re.search(r'version "(\d+)', banner)
+    return int(found.group(1)) if found else 0
+
+
+def with_java(environment: dict[str, str]) -> dict[str, str]:
+    """TorchServe's launcher runs $JAVA_HOME/bin/java, else `java` on the PATH; make that a Java >= 17, taking an
+    installed JDK 17+ when an older one comes first."""
+    home = environment.get("JAVA_HOME")
+    if java_major(f"{home}/bin/java" if home else "java") >= 17:
+        return environment
+    for candidate in sorted(glob.glob("/usr/lib/jvm/*/bin/java")):
+        if java_major(candidate) >= 17:
+            return {**environment, "JAVA_HOME": str(Path(candidate).parent.parent)}
+    raise RuntimeError("TorchServe needs Java >= 17 and none was found: run `make java`, or set JAVA_HOME")
 
 
 def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "model_store",
@@ -72,6 +125,7 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
     environment = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
                    "PYTHONPATH": "", "TMPDIR": str(workdir / "tmp")}
     environment["PATH"] = f"{torchserve.parent}{os.pathsep}{environment.get('PATH', '')}"
+    environment = with_java(environment)
     command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
                "--model-store", str(model_store.resolve()),
                *(["--models", *[f"{name}={archive}" for name, archive in models.items()]] if models else [])]
@@ -100,11 +154,12 @@ def wait_ready(workdir: Path, management_port: int, names: list[str], process: s
         if time.monotonic() > deadline:
             raise TimeoutError(f"models {pending} not ready after {timeout:.0f} s; see {workdir / 'logs'}")
         if (workdir / "key_file.json").is_file():
-            key = read_keys(workdir)["management"]
             path = f"/models/{pending[0]}" if pending[0] else "/models"
-            request = urllib.request.Request(f"http://127.0.0.1:{management_port}{path}",
-                                             headers={"Authorization": f"Bearer {key}"})
             try:
+                # Inside the try: TorchServe may still be writing the key file (KeyFileError until it is whole).
+                key = read_keys(workdir)["management"]
+                request = urllib.request.Request(f"http://127.0.0.1:{management_port}{path}",
+                                                 headers={"Authorization": f"Bearer {key}"})
                 with urllib.request.urlopen(request, timeout=5) as response:
                     answer = json.loads(response.read())
                 workers = answer[0].get("workers", []) if pending[0] else [{"status": "READY"}]
@@ -159,7 +214,7 @@ def stop(workdir: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--workdir", default="logs/serve", type=Path)
     parser.add_argument("--model-store", default=REPO / "model_store", type=Path)

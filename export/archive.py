@@ -1,8 +1,10 @@
 """Package exported model files as TorchServe archives with our handler and the shared `cxr` code.
 
-    python -m export.archive --export-dir runs/export --model-store model_store --default onnx
+    python -m export.archive --export-dir runs/export-pneumonia --model-store model_store --default onnx
 
-Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant). Each archive holds the model
+Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant) for version 1.0; any other version
+adds `-<version>` to each file name (`pneumonia-2.0.mar`), so a new version never overwrites the one serving and
+`cxr deploy pneumonia-2.0.mar` takes it as it is. Each archive holds the model
 file (which embeds its class names, preprocessing and threshold), handlers/cxr_handler.py,
 handlers/model-config.yaml, the serving part of the `cxr` package (so train and serve share one preprocessing)
 and the out-of-distribution gate (`models/gate/ood_gate.pt`).
@@ -11,6 +13,7 @@ and the out-of-distribution gate (`models/gate/ood_gate.pt`).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import subprocess
@@ -20,12 +23,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cxr.commands import command_parser
+from cxr.variants import VARIANTS
+
 REPO = Path(__file__).resolve().parent.parent
-SERVING_MODULES = ("__init__.py", "preprocessing.py", "models.py", "checkpoint.py", "backends.py", "metrics.py",
-                   "explain.py", "gate.py")
+HANDLER = REPO / "handlers" / "cxr_handler.py"
 DEFAULT_GATE = REPO / "models" / "gate" / "ood_gate.pt"
-VARIANTS = {"eager": "model.pt", "ts": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
-REPORT_NAMES = {"eager": "eager", "ts": "torchscript", "onnx": "onnx", "int8": "int8"}
+DEFAULT_MODEL_CONFIG = REPO / "handlers" / "model-config.yaml"
+
+
+FIRST_VERSION = "1.0"
+
+
+def archive_stem(name: str, variant: str | None, version: str) -> str:
+    """`pneumonia`, `pneumonia_onnx`, `pneumonia-2.0`, `pneumonia_onnx-2.0`: the archive's file name without .mar."""
+    stem = name if variant is None else f"{name}_{variant}"
+    return stem if version == FIRST_VERSION else f"{stem}-{version}"
 
 
 def fastest_exact_variant(export_dir: Path) -> str:
@@ -34,9 +47,26 @@ def fastest_exact_variant(export_dir: Path) -> str:
     int8 is left out: it passes its own (agreement/AUC) check but does not give eager's probabilities.
     """
     report = json.loads((export_dir / "export_report.json").read_text())["variants"]
-    candidates = {variant: report[name] for variant, name in REPORT_NAMES.items()
-                  if variant != "int8" and report.get(name, {}).get("check") == "pass"}
+    candidates = {name: report[name] for name, variant in VARIANTS.items()
+                  if variant.exact and report.get(name, {}).get("check") == "pass"}
     return max(candidates, key=lambda variant: candidates[variant]["cpu_images_per_s_b8"])
+
+
+def serving_modules(entry: Path = HANDLER) -> list[str]:
+    """The `cxr` modules the handler imports, directly or through each other (read from their import lines,
+    nothing executed): what an archive must carry, and nothing of training, data or reporting."""
+    found, pending = {"__init__"}, [entry]
+    while pending:
+        tree = ast.parse(pending.pop().read_text())
+        for node in ast.walk(tree):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                module = name.split(".")[1] if name.startswith("cxr.") else None
+                if module and module not in found:
+                    found.add(module)
+                    pending.append(REPO / "cxr" / f"{module}.py")
+    return sorted(f"{module}.py" for module in found)
 
 
 def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
@@ -44,7 +74,7 @@ def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
     out-of-distribution gate's checkpoint when one is given."""
     package = folder / "cxr"
     package.mkdir(parents=True)
-    for name in SERVING_MODULES:
+    for name in serving_modules():
         shutil.copy2(REPO / "cxr" / name, package / name)
     if gate is not None:
         from cxr.gate import GATE_FILE
@@ -54,11 +84,11 @@ def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
 
 
 def build_archive(model_file: Path, archive_name: str, version: str, model_store: Path, staged: Path,
-                  config_file: Path = REPO / "handlers" / "model-config.yaml") -> Path:
+                  config_file: Path = DEFAULT_MODEL_CONFIG) -> Path:
     archiver = Path(sys.executable).with_name("torch-model-archiver")
     command = [
         str(archiver), "--model-name", archive_name, "--version", version, "--serialized-file", str(model_file),
-        "--handler", str(REPO / "handlers" / "cxr_handler.py"), "--extra-files", str(staged),
+        "--handler", str(HANDLER), "--extra-files", str(staged),
         "--config-file", str(config_file), "--export-path", str(model_store), "--force",
     ]
     subprocess.run(command, check=True)
@@ -66,14 +96,17 @@ def build_archive(model_file: Path, archive_name: str, version: str, model_store
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export-dir", default="runs/export", help="output of `python -m export`")
+    parser = command_parser(__doc__)
+    parser.add_argument("--export-dir", default="runs/export-pneumonia", help="output of `python -m export`")
     parser.add_argument("--model-store", default="model_store")
     parser.add_argument("--name", default="pneumonia", help="archive base name")
-    parser.add_argument("--version", default="1.0")
+    parser.add_argument("--version", default=FIRST_VERSION, help="other versions get -<version> in their file names")
     parser.add_argument("--default", default="auto", choices=["auto", *sorted(VARIANTS)],
                         help="variant packed as <name>.mar (auto: the fastest that matches eager)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variant archives to write beside <name>.mar (none: only <name>.mar)")
+    parser.add_argument("--model-config", default=str(DEFAULT_MODEL_CONFIG),
+                        help="TorchServe model-config.yaml packed into every archive (workers, batching, handler)")
     parser.add_argument("--gate", default=str(DEFAULT_GATE),
                         help="out-of-distribution gate checkpoint packed into every archive ('' for none)")
     return parser
@@ -85,21 +118,23 @@ def main(args: argparse.Namespace) -> list[Path]:
     if args.default == "auto":
         args.default = fastest_exact_variant(export_dir)
         print(f"default variant: {args.default} (fastest at batch 8 among those matching eager)")
-    if not (export_dir / VARIANTS[args.default]).is_file():
-        raise SystemExit(f"missing {export_dir / VARIANTS[args.default]} (run `python -m export` first)")
-    variants = [v for v in args.variants if (export_dir / VARIANTS[v]).is_file()]
+    if not (export_dir / VARIANTS[args.default].file_name).is_file():
+        raise SystemExit(f"missing {export_dir / VARIANTS[args.default].file_name} (run `python -m export` first)")
+    variants = [v for v in args.variants if (export_dir / VARIANTS[v].file_name).is_file()]
     for variant in sorted(set(args.variants) - set(variants)):
-        print(f"skipping {args.name}_{variant}.mar: {export_dir / VARIANTS[variant]} was not exported")
+        print(f"skipping {args.name}_{variant}.mar: {export_dir / VARIANTS[variant].file_name} was not exported")
     built = []
     with tempfile.TemporaryDirectory() as scratch:
         gate = Path(args.gate) if args.gate else None
         if gate is not None and not gate.is_file():
             raise SystemExit(f"missing gate {gate} (train it with `make gate`, or pass --gate '')")
         staged = stage_serving_code(Path(scratch) / "extra", gate)
-        jobs = [(variant, f"{args.name}_{variant}") for variant in variants] + [(args.default, args.name)]
+        jobs = [(variant, archive_stem(args.name, variant, args.version)) for variant in variants] + \
+            [(args.default, archive_stem(args.name, None, args.version))]
         for variant, archive_name in tqdm(jobs, desc="archives"):
-            built.append(build_archive(export_dir / VARIANTS[variant], archive_name, args.version, model_store,
-                                       staged))
+            model_file = export_dir / VARIANTS[variant].file_name
+            built.append(build_archive(model_file, archive_name, args.version, model_store, staged,
+                                       Path(args.model_config)))
     for path in built:
         print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
     return built

@@ -7,12 +7,15 @@ Request shapes accepted (each TorchServe request may carry one or several images
   - JSON: a base64 string, a list of them, or {"image"|"data"|"b64": ...}, {"instances"|"images": [...]}.
 One image gets one answer object; several images get a list, in order. A bad image fails its own request
 with a 4xx status and a message naming the problem; the other requests of the batch are answered.
+
+TorchServe's own `BaseHandler.handle` drives it (with its describe and profiler paths): `preprocess` reads and
+checks every request into a `PreparedBatch`, `inference` runs the model, the gate and any Grad-CAM on it,
+`postprocess` turns it into one answer (or refusal) per request. The module defines this one class, which
+TorchServe instantiates once per worker.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import os
@@ -27,80 +30,15 @@ from ts.torch_handler.base_handler import BaseHandler
 from cxr.backends import TorchBackend, load_backend
 from cxr.explain import CAM_LAYERS, grad_cam, model_view, overlay_png
 from cxr.gate import GATE_FILE, OodGate
-from cxr.metrics import predict_labels
-from cxr.preprocessing import EvalPreset, InvalidImageError, PreprocessConfig, load_image
+from cxr.inputs import ACCEPTED_FORMATS, PreparedBatch, RequestError, extract_images
+from cxr.population import MODES, verdict
+from cxr.preprocessing import EvalPreset, InvalidImageError
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
-JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
-JSON_LIST_KEYS = ("instances", "images", "inputs")
 DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_image_bytes": 16 * 1024 * 1024,
-            "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True, "onnx_spin": True}
-
-
-class RequestError(Exception):
-    """A problem with one request: its HTTP status and a message that names the problem."""
-
-    def __init__(self, status: int, message: str, reason: str | None = None,
-                 details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.details = details or {}  # extra fields of the error body
-        # A short label for the rejection metric (a bounded set, unlike the message).
-        self.reason = reason or {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(
-            status, "bad_request")
-
-
-def _decode_base64(text: str) -> bytes:
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise RequestError(400, "text body is not base64-encoded image data", "bad_base64") from error
-
-
-def _images_from_json(value: Any) -> list[bytes]:
-    if isinstance(value, str):
-        return [_decode_base64(value)]
-    if isinstance(value, (bytes, bytearray)):
-        return [bytes(value)]
-    if isinstance(value, list):
-        if value and all(isinstance(item, (int, float)) for item in value):
-            raise RequestError(400, "expected image data (bytes or base64), got a list of numbers; send the image file")
-        images = []
-        for index, item in enumerate(value):
-            try:
-                images.extend(_images_from_json(item))
-            except RequestError as error:
-                raise RequestError(error.status, f"image {index}: {error.message}", error.reason) from error
-        return images
-    if isinstance(value, dict):
-        for key in JSON_LIST_KEYS:
-            if key in value:
-                return _images_from_json(value[key])
-        for key in JSON_IMAGE_KEYS:
-            if key in value:
-                return _images_from_json(value[key])
-        raise RequestError(400, f"JSON body has no image: expected one of the keys {JSON_IMAGE_KEYS + JSON_LIST_KEYS}")
-    raise RequestError(400, f"unsupported request content of type {type(value).__name__}")
-
-
-def extract_images(row: dict[str, Any]) -> list[bytes]:
-    """The images of one TorchServe request row, as encoded bytes, in order."""
-    if not isinstance(row, dict) or not row:
-        raise RequestError(400, "empty request: no image was sent", "empty")
-    values = [row["body"]] if "body" in row else ([row["data"]] if "data" in row else list(row.values()))
-    images = []
-    for value in values:
-        if value is None:
-            continue
-        images.extend([bytes(value)] if isinstance(value, (bytes, bytearray)) else _images_from_json(value))
-    if not images or all(len(image) == 0 for image in images):
-        raise RequestError(400, "empty request: no image bytes were sent", "empty")
-    return images
+            "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True, "onnx_spin": True,
+            "population_check": "refuse"}
 
 
 class XrayHandler(BaseHandler):
@@ -110,17 +48,21 @@ class XrayHandler(BaseHandler):
         properties = context.system_properties
         manifest = context.manifest
         self.settings = {**DEFAULTS, **((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})}
+        if self.settings["population_check"] not in MODES:
+            raise ValueError(f"handler setting population_check: {self.settings['population_check']!r} is not one "
+                             f"of {', '.join(MODES)}")
         gpu_id = properties.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
         model_path = os.path.join(properties["model_dir"], manifest["model"]["serializedFile"])
         self.backend = load_backend(model_path, device, threads=self.settings["threads"], half=self.settings["fp16"],
                                     spin=self.settings["onnx_spin"])
         self.config = self.backend.config
-        self.preset = EvalPreset(PreprocessConfig.from_dict(self.config["preprocessing"]))
-        self.class_names = list(self.config["class_names"])
-        self.threshold = self.config.get("threshold")
-        positive = self.config.get("positive_class")
-        self.positive_index = self.class_names.index(positive) if positive is not None else None
+        self.preset = EvalPreset(self.config.preprocessing)
+        self.class_names = list(self.config.class_names)
+        self.threshold = self.config.threshold
+        self.population = self.config.population  # None: this model has no population check
+        if self.population is None and self.settings["population_check"] != "off":
+            log.warning("%s has no population check: answers say population check 'absent'", model_path)
         self.model_name = getattr(context, "model_name", None) or manifest["model"].get("modelName")
         self.version = manifest["model"].get("modelVersion")
         self.manifest = manifest
@@ -130,20 +72,9 @@ class XrayHandler(BaseHandler):
         if self.settings["ood_gate"] and self.gate is None:
             log.warning("ood_gate is on but the archive has no %s: every image will be classified", GATE_FILE)
         self.initialized = True
-        log.info("loaded %s (%s backend on %s, gate %s)", model_path, self.backend.name, device,
-                 "on" if self.gate else "off")
-
-    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
-        self.context = context
-        started = time.perf_counter()
-        prepared = self.preprocess(data)
-        preprocessed = time.perf_counter()
-        probabilities, gate_scores = self.inference(prepared)
-        inferred = time.perf_counter()
-        output = self.postprocess(prepared, probabilities, gate_scores)
-        self._metric("add_time", "CxrPreprocessTime", round((preprocessed - started) * 1000, 3), {}, "ms")
-        self._metric("add_time", "CxrInferenceTime", round((inferred - preprocessed) * 1000, 3), {}, "ms")
-        return output
+        log.info("loaded %s (%s backend on %s, gate %s, population check %s)", model_path, self.backend.name,
+                 device, "on" if self.gate else "off",
+                 self.settings["population_check"] if self.population else "absent")
 
     def _metric(self, method: str, name: str, value: float, dimensions: dict[str, str], unit: str | None = None):
         """Report a custom metric through TorchServe's metrics API (Prometheus on port 8082)."""
@@ -161,9 +92,22 @@ class XrayHandler(BaseHandler):
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             log.exception("could not record metric %s", name)
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[list[torch.Tensor] | RequestError]:
-        """One entry per request: its image tensors, or the RequestError that refuses it."""
-        return [self._prepare_request(row, index) for index, row in enumerate(data)]
+    def preprocess(self, data: list[dict[str, Any]]) -> PreparedBatch:
+        """Read and check every request of the batch; a refused request keeps its RequestError."""
+        started = time.perf_counter()
+        spans, refusals, tensors = [], {}, []
+        for index, row in enumerate(data):
+            prepared = self._prepare_request(row, index)
+            if isinstance(prepared, RequestError):
+                spans.append(None)
+                refusals[index] = prepared
+            else:
+                spans.append((len(tensors), len(tensors) + len(prepared)))
+                tensors.extend(prepared)
+        batch = PreparedBatch(spans, refusals, torch.stack(tensors) if tensors else None,
+                              [self._explain_requested(index) for index in range(len(data))])
+        self._metric("add_time", "CxrPreprocessTime", round((time.perf_counter() - started) * 1000, 3), {}, "ms")
+        return batch
 
     def _content_type(self, index: int) -> str:
         try:
@@ -176,6 +120,7 @@ class XrayHandler(BaseHandler):
         return ""
 
     def _prepare_request(self, row: dict[str, Any], index: int) -> list[torch.Tensor] | RequestError:
+        """The request's preprocessed images, or the RequestError that refuses it."""
         try:
             if self._content_type(index).startswith("application/x-www-form-urlencoded"):
                 raise RequestError(415, "the image arrived as form data (Content-Type "
@@ -206,7 +151,7 @@ class XrayHandler(BaseHandler):
             raise RequestError(415, f"{prefix}unsupported image type {opened.format}; send one of "
                                     f"{', '.join(ACCEPTED_FORMATS)}")
         try:
-            image = load_image(opened if opened is not None else data, self.preset.decode_size)
+            image = self.preset.decode(opened if opened is not None else data)
         except InvalidImageError as error:
             reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
             raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error
@@ -219,41 +164,69 @@ class XrayHandler(BaseHandler):
                                     f"{self.settings['max_aspect_ratio']}:1 is not a chest X-ray")
         return self.preset(image)
 
-    def inference(self, prepared: list[list[torch.Tensor] | RequestError]) -> tuple[np.ndarray, np.ndarray | None]:
-        """One forward pass over every good image of every request in the batch, and the gate's scores
-        (probability of not being a chest X-ray; None when the gate is off)."""
-        tensors = [tensor for item in prepared if not isinstance(item, RequestError) for tensor in item]
-        if not tensors:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32), None
-        batch = torch.stack(tensors)
-        config = self.preset.config
-        gate_scores = self.gate.scores(batch, config.mean[0], config.std[0]).numpy() if self.gate else None
-        return self.backend.predict(batch), gate_scores
-
-    def postprocess(self, prepared: list[list[torch.Tensor] | RequestError], probabilities: np.ndarray,
-                    gate_scores: np.ndarray | None = None) -> list[Any]:
-        labels = predict_labels(probabilities, self.positive_index, self.threshold)
-        output, cursor = [], 0
-        for index, item in enumerate(prepared):
-            if not isinstance(item, RequestError):  # this request's rows of the batch: start .. cursor
-                start, cursor = cursor, cursor + len(item)
-                scores = None if gate_scores is None else gate_scores[start:cursor]
-                if scores is not None and (scores > self.gate.limit).any():
-                    item = self._not_an_xray(scores)
-            if isinstance(item, RequestError):
-                self._metric("add_counter", "CxrRejected", 1, {"Reason": item.reason})
-                output.append(self._refuse(index, item))
-                continue
-            answers = [self._answer(probabilities[start + k], labels[start + k],
-                                    None if scores is None else float(scores[k])) for k in range(len(item))]
-            for answer in answers:
-                self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
-            if self._explain_requested(index):
+    def inference(self, batch: PreparedBatch, *args: Any, **kwargs: Any) -> PreparedBatch:
+        """One forward pass over every accepted image of the batch (the population check is part of it); then
+        the gate (probability of not being a chest X-ray: a request with any image over its limit is refused),
+        the population check (refused when set to `refuse`) and Grad-CAM where it was asked for."""
+        if batch.images is None:
+            return batch
+        started = time.perf_counter()
+        batch.probabilities, population = self.backend.run(batch.images)
+        if self.population is not None and self.settings["population_check"] != "off":
+            batch.population_scores = population
+        batch.labels = self.config.decide(batch.probabilities)
+        if self.gate is not None:
+            config = self.preset.config
+            batch.gate_scores = self.gate.scores(batch.images, config.mean[0], config.std[0]).numpy()
+        for index, start, end in batch.accepted():
+            if batch.gate_scores is not None and (batch.gate_scores[start:end] > self.gate.limit).any():
+                batch.refusals[index] = self._not_an_xray(batch.gate_scores[start:end])
+            elif self.settings["population_check"] == "refuse" and batch.population_scores is not None and \
+                    (batch.population_scores[start:end] > self.population.limit).any():
+                batch.refusals[index] = self._outside_population(batch.population_scores[start:end])
+            elif batch.explain[index]:
                 try:
-                    answers = self._explain(item, answers)
+                    batch.explanations[index] = self._explain(batch.images[start:end], batch.labels[start:end])
                 except RequestError as error:
-                    output.append(self._refuse(index, error))
-                    continue
+                    batch.refusals[index] = error
+        self._metric("add_time", "CxrInferenceTime", round((time.perf_counter() - started) * 1000, 3), {}, "ms")
+        return batch
+
+    def explain_handle(self, data_preprocess: PreparedBatch, raw_data: Any) -> list[Any]:
+        """BaseHandler's /explanations path: explanations are asked per request (the `explain` header), so
+        the same inference and answers serve both endpoints."""
+        return self.postprocess(self.inference(data_preprocess))
+
+    def describe_handle(self) -> dict[str, Any]:
+        """What `GET /models/<name>?customized=true` adds: the model's classes, threshold, preprocessing, who it
+        is for (its intended population and model card) and how its population check is set."""
+        described = {"class_names": self.class_names, "positive_class": self.config.positive_class,
+                     "threshold": self.threshold, "preprocessing": self.config.preprocessing.to_dict(),
+                     "backend": self.backend.name, "gate": self.gate is not None,
+                     "population_check": self.settings["population_check"] if self.population else "absent"}
+        if self.population is not None:
+            described.update(intended_population=self.population.intended_population,
+                             model_card=self.population.model_card, population_limit=self.population.limit,
+                             population_kind=self.population.kind)
+        return described
+
+    def postprocess(self, batch: PreparedBatch) -> list[Any]:
+        """One answer per request: a refusal with its status, or one answer per image (a list for several)."""
+        output = []
+        for index, span in enumerate(batch.spans):
+            if index in batch.refusals:
+                error = batch.refusals[index]
+                self._metric("add_counter", "CxrRejected", 1, {"Reason": error.reason})
+                output.append(self._refuse(index, error))
+                continue
+            start, end = span
+            answers = [self._answer(batch.probabilities[k], batch.labels[k],
+                                    None if batch.gate_scores is None else float(batch.gate_scores[k]),
+                                    None if batch.population_scores is None else float(batch.population_scores[k]))
+                       for k in range(start, end)]
+            for extra, answer in zip(batch.explanations.get(index, [{}] * len(answers)), answers, strict=True):
+                answer.update(extra)
+                self._metric("add_counter", "CxrPredictions", 1, {"Label": answer["label"]})
             output.append(answers[0] if len(answers) == 1 else answers)
         return output
 
@@ -265,32 +238,47 @@ class XrayHandler(BaseHandler):
             details["image"] = worst
         return RequestError(422, "not a chest X-ray", "not_a_chest_xray", details)
 
+    def _outside_population(self, scores: np.ndarray) -> RequestError:
+        """422 for a request with an X-ray unlike the model's training population: the body says whom the model
+        is for and where its card is."""
+        worst = int(scores.argmax())
+        details = {"population": verdict(float(scores[worst]), self.population, "refuse"),
+                   "intended_population": self.population.intended_population,
+                   "model_card": self.population.model_card}
+        if len(scores) > 1:
+            details["image"] = worst
+        return RequestError(422, "outside the model's population", "outside_population", details)
+
     def _explain_requested(self, index: int) -> bool:
         try:
             return str(self.context.get_request_header(index, "explain")) == "True"
         except Exception:  # noqa: BLE001 - fake contexts and predictions carry no such header
             return False
 
-    def _explain(self, tensors: list[torch.Tensor], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _explain(self, tensors: torch.Tensor, labels: np.ndarray) -> list[dict[str, Any]]:
         """Grad-CAM for each image's predicted class, with the eager model of this archive."""
         if not isinstance(self.backend, TorchBackend) or self.backend.name != "eager" or \
-                self.config["arch"] not in CAM_LAYERS:
+                self.config.arch not in CAM_LAYERS:
             raise RequestError(501, f"this archive ({self.backend.name} backend) does not explain; send "
                                     "explanations to the eager archive (pneumonia_eager)")
-        batch = torch.stack(tensors).to(self.backend.device)
-        targets = [self.class_names.index(answer["label"]) for answer in answers]
-        heatmaps = grad_cam(self.backend.model, self.config["arch"], batch, targets)
+        heatmaps = grad_cam(self.backend.model, self.config.arch, tensors.to(self.backend.device),
+                            [int(label) for label in labels])
         config = self.preset.config
         explained = []
-        for tensor, heatmap, answer in zip(tensors, heatmaps, answers, strict=True):
+        for tensor, heatmap, label in zip(tensors, heatmaps, labels, strict=True):
             gray = model_view(tensor, config.mean[0], config.std[0])
-            explained.append({**answer, "explained_class": answer["label"],
+            explained.append({"explained_class": self.class_names[int(label)],
                               "heatmap": np.round(heatmap, 3).tolist(), "overlay_png": overlay_png(gray, heatmap)})
         return explained
 
-    def _answer(self, probabilities: np.ndarray, label: int, gate_score: float | None = None) -> dict[str, Any]:
+    def _answer(self, probabilities: np.ndarray, label: int, gate_score: float | None = None,
+                population_score: float | None = None) -> dict[str, Any]:
         gate = {"ran": False} if gate_score is None else \
             {"ran": True, "score": round(gate_score, 4), "limit": round(self.gate.limit, 4)}
+        population = verdict(population_score, self.population, self.settings["population_check"])
+        if population["inside"] is False:  # `warn`: answered, but say whom the model is for
+            population.update(intended_population=self.population.intended_population,
+                              model_card=self.population.model_card)
         return {
             "model": self.model_name,
             "version": self.version,
@@ -299,6 +287,7 @@ class XrayHandler(BaseHandler):
                                                                             strict=True)},
             "threshold": self.threshold,
             "gate": gate,
+            "population": population,
         }
 
     def _refuse(self, index: int, error: RequestError) -> dict[str, Any]:
@@ -306,15 +295,3 @@ class XrayHandler(BaseHandler):
         if self.context is not None and hasattr(self.context, "set_response_status"):
             self.context.set_response_status(code=error.status, phrase=error.message, idx=index)
         return {"code": error.status, "error": error.message, **error.details}
-
-
-_service = XrayHandler()
-
-
-def handle(data: list[dict[str, Any]], context: Any) -> list[Any] | None:
-    """Module-level entry point (TorchServe also accepts the class; this keeps one instance per worker)."""
-    if not _service.initialized:
-        _service.initialize(context)
-    if data is None:
-        return None
-    return _service.handle(data, context)

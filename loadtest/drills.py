@@ -30,8 +30,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxr.commands import command_parser
+from cxr.report import table
+from cxr.variants import VARIANTS
 from export import archive as archive_cli
-from loadtest.bench import BenchServer, closed_loop, open_loop, rss_mb
+from loadtest.bench_server import BenchServer, add_server_arguments, read_payloads
+from loadtest.load import closed_loop, open_loop, rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,8 +132,8 @@ def soak(bench: BenchServer, model: str, payloads: list[bytes], rate: float, sec
             "rss_mb_end": samples[-1][1], "rss_growth": growth, "rss_samples": samples}
 
 
-def worker_crash(bench: BenchServer, model: str, payloads: list[bytes], concurrency: int, seconds: float
-                 ) -> dict[str, Any]:
+def worker_crash(bench: BenchServer, model: str, payloads: list[bytes], concurrency: int, seconds: float,
+                 recovery_timeout: float = 120.0) -> dict[str, Any]:
     result: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: result.update(
         closed_loop(bench.target(model), payloads, concurrency, seconds)))
@@ -139,7 +143,7 @@ def worker_crash(bench: BenchServer, model: str, payloads: list[bytes], concurre
     killed_at = time.perf_counter()
     os.kill(victim, signal.SIGKILL)
     recovery = None
-    while time.perf_counter() - killed_at < 120:
+    while time.perf_counter() - killed_at < recovery_timeout:
         workers = bench.client.describe(model)[0]["workers"]
         if workers and all(w["status"] == "READY" for w in workers) and victim not in [w["pid"] for w in workers]:
             recovery = time.perf_counter() - killed_at
@@ -165,7 +169,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"the shipped default archive and settings, the load generator on the same machine, loopback only. "
              f"Workers: {results.get('workers', 1)}. Maximum throughput measured first: **{results['peak']:.1f} "
              f"X-rays/s** ({results['concurrency']} clients).", "",
-             "| drill | goal | measured | |", "|---|---|---|---|",
+             *table(["drill", "goal", "measured", ""]),
              f"| soak: {s['seconds'] / 60:.1f} min at 80% of max ({s['rate']:.1f}/s) | 0 failures, RSS growth < 10% | "
              f"{s['failures']} failures of {s['requests']}; p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms; RSS "
              f"{s['rss_mb_start']:.0f} -> {s['rss_mb_end']:.0f} MB ({s['rss_growth']:+.1%}) | "
@@ -187,10 +191,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    samples = sorted(p for p in Path(args.samples).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    if not samples:
-        raise SystemExit(f"no sample X-rays under {args.samples}")
-    payloads = [p.read_bytes() for p in samples]
+    payloads = read_payloads(args.samples)
     if args.short:
         args.soak_seconds, args.seconds, args.storm = 8, 6, 60
     export_dir = Path(args.export_dir)
@@ -202,7 +203,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         store = scratch / "store"
         store.mkdir()
         staged = archive_cli.stage_serving_code(scratch / "extra", Path(args.gate) if args.gate else None)
-        archive_cli.build_archive(export_dir / archive_cli.VARIANTS[variant], "drill", "1.0", store, staged)
+        archive_cli.build_archive(export_dir / VARIANTS[variant].file_name, "drill", "1.0", store, staged,
+                                  Path(args.model_config))
         bench = BenchServer(scratch / "serve", store)
         try:
             results["workers"] = bench.register("drill")
@@ -211,7 +213,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"max throughput {results['peak']:.1f}/s", flush=True)
             results["soak"] = soak(bench, "drill", payloads, 0.8 * results["peak"], args.soak_seconds)
             print(f"soak: {results['soak']['failures']} failures, RSS {results['soak']['rss_growth']:+.1%}", flush=True)
-            results["crash"] = worker_crash(bench, "drill", payloads, args.concurrency, max(args.seconds * 3, 20))
+            results["crash"] = worker_crash(bench, "drill", payloads, args.concurrency, max(args.seconds * 3, 20),
+                                            args.recovery_timeout)
             print(f"crash: recovery {results['crash']['recovery_s']} s, {results['crash']['failures']} failed",
                   flush=True)
             results["overload"] = overload(bench, "drill", payloads, results["peak"], args.seconds)
@@ -231,18 +234,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export-dir", default="runs/export")
+    parser = add_server_arguments(command_parser(__doc__), output="runs/reports/reliability.md")
     parser.add_argument("--variant", default=None, help="default: the one make archive ships")
-    parser.add_argument("--gate", default=str(archive_cli.DEFAULT_GATE))
-    parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"))
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--model-config", default=str(archive_cli.DEFAULT_MODEL_CONFIG),
+                        help="model-config.yaml of the drill archive (workers, batching, startup timeout)")
+    parser.add_argument("--recovery-timeout", type=float, default=120.0,
+                        help="seconds to wait for a killed worker's replacement")
     parser.add_argument("--seconds", type=float, default=15.0, help="per load phase")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--storm", type=int, default=1000, help="bad payloads in the storm")
     parser.add_argument("--short", action="store_true", help="seconds, not minutes (the make test version)")
-    parser.add_argument("--output", default="docs/reliability.md")
-    parser.add_argument("--machine", default=None)
     return parser
 
 

@@ -22,6 +22,9 @@ from urllib.parse import urlparse
 import grpc.experimental.gevent
 from locust import FastHttpUser, User, events, task
 
+from cxr.paths import samples_dir
+from cxr.server import read_key_file
+
 # gRPC's blocking calls would otherwise hold Locust's gevent loop: one call in flight for all users.
 grpc.experimental.gevent.init_gevent()
 
@@ -32,7 +35,7 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
     parser.add_argument("--model", default="pneumonia", help="model name (optionally name/version)")
-    parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"),
+    parser.add_argument("--samples", default=str(samples_dir()),
                         help="folder of X-rays to send (searched recursively)")
     parser.add_argument("--key-file", default=str(REPO / "logs" / "serve" / "key_file.json"))
     parser.add_argument("--grpc-port", type=int, default=7070)
@@ -58,7 +61,7 @@ def load_samples(folder: str) -> list[tuple[str, bytes]]:
 
 
 def inference_key(path: str) -> str:
-    return json.loads(Path(path).read_text())["inference"]["key"]
+    return read_key_file(path)["inference"]
 
 
 _state: dict[str, object] = {}

@@ -18,33 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.commands import command_parser
+from cxr.paths import samples_dir
+from cxr.report import figure
+from loadtest.load import summarise
+
 REPO = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
-def summarise(latencies_ms: np.ndarray, ok: np.ndarray, seconds: float) -> dict[str, float]:
-    good = latencies_ms[ok] if ok.any() else latencies_ms
-    percentiles = np.percentile(good, [50, 95, 99]) if len(good) else [float("nan")] * 3
-    return {"requests": int(len(latencies_ms)), "failures": int((~ok).sum()),
-            "requests_per_s": float(len(latencies_ms) / seconds) if seconds else 0.0,
-            "p50_ms": float(percentiles[0]), "p95_ms": float(percentiles[1]), "p99_ms": float(percentiles[2])}
-
-
 def plot_histogram(latencies_ms: np.ndarray, summary: dict[str, float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 3.6))
-    axes.hist(latencies_ms, bins=60, color="#3b6ea8")
-    for key, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
-        axes.axvline(summary[key], color="black", linestyle=style, label=f"{key[:3]} {summary[key]:.0f} ms")
-    axes.set(xlabel="latency (ms)", ylabel="requests", title=title)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure(path, figsize=(6.4, 3.6)) as axes:
+        axes.hist(latencies_ms, bins=60, color="#3b6ea8")
+        for key, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
+            axes.axvline(summary[key], color="black", linestyle=style, label=f"{key[:3]} {summary[key]:.0f} ms")
+        axes.set(xlabel="latency (ms)", ylabel="requests", title=title)
+        axes.legend()
 
 
 def summary_line(protocol: str, model: str, summary: dict[str, float]) -> str:
@@ -90,7 +79,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--duration", type=int, default=60, help="seconds")
     parser.add_argument("--users", type=int, default=8, help="concurrent users (each sends back to back)")
     parser.add_argument("--spawn-rate", type=float, default=8.0, help="users started per second")
@@ -100,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--grpc-port", type=int, default=7070)
     parser.add_argument("--key-file", default=str(REPO / "logs" / "serve" / "key_file.json"))
-    parser.add_argument("--samples", default=str(REPO.parent / "shared" / "data" / "samples"))
+    parser.add_argument("--samples", default=str(samples_dir()))
     parser.add_argument("--max-requests", type=int, default=200_000)
     parser.add_argument("--out", default=None, help="report folder (default: logs/loadtest/<run>/)")
     return parser

@@ -9,7 +9,7 @@ import pytest
 
 from cxr import client as client_module
 from cxr.client import Client, PredictionError
-from loadtest.bench import free_ports
+from cxr.server import free_ports
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cxr.data import XrayFolder, collate_skip_invalid, discover_classes, manifest_sha256, resolve_data_root
+from cxr.paths import EXAMPLE_XRAYS, REPO, data_root, samples_dir
 from cxr.preprocessing import EvalPreset, PreprocessConfig
 
 
@@ -73,14 +74,30 @@ def test_manifest_hash_tracks_the_files(tmp_path):
     assert manifest_sha256([XrayFolder(tmp_path / "train")]) != before
 
 
-def test_data_root_resolution(monkeypatch):
+def test_one_data_root_for_every_command(monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_DATA", raising=False)
-    assert str(resolve_data_root(None)) == "../shared/data/pneumonia"
-    monkeypatch.setenv("CXR_DATA", "/data/x")
-    assert str(resolve_data_root(None)) == "/data/x"
+    assert data_root() == (REPO.parent / "shared" / "data").resolve()  # not the current directory's ../shared
+    assert resolve_data_root(None) == data_root() / "pneumonia"
+    assert resolve_data_root(None, "multiclass") == data_root() / "multiclass"
+    monkeypatch.setenv("CXR_DATA", str(tmp_path))
+    assert resolve_data_root(None) == tmp_path / "pneumonia"
+    assert samples_dir() == EXAMPLE_XRAYS  # no samples/ there: the committed examples
+    (tmp_path / "samples").mkdir()
+    assert samples_dir() == tmp_path / "samples"
     assert str(resolve_data_root("/other")) == "/other"
+    (tmp_path / "train").mkdir()  # the old meaning (one data set's split root) is named as a mistake
+    with pytest.raises(ValueError, match="data root"):
+        data_root()
 
 
-def test_real_splits_have_the_documented_classes(data_root):
+def test_example_xrays_are_small_attributed_and_labelled():
+    paths = sorted(EXAMPLE_XRAYS.glob("*/*.jpeg"))
+    assert {p.parent.name for p in paths} == {"NORMAL", "PNEUMONIA"} and len(paths) == 20
+    assert sum(p.stat().st_size for p in EXAMPLE_XRAYS.rglob("*")) <= 1024 * 1024
+    readme = (EXAMPLE_XRAYS / "README.md").read_text()
+    assert "CC BY 4.0" in readme and all(p.name in readme for p in paths)
+
+
+def test_real_splits_have_the_documented_classes(pneumonia_data):
     for split in ("train", "val", "test"):
-        assert discover_classes(data_root / split) == ["NORMAL", "PNEUMONIA"]
+        assert discover_classes(pneumonia_data / split) == ["NORMAL", "PNEUMONIA"]

@@ -9,8 +9,8 @@ import pytest
 
 from cxr.client import Client
 from cxr.demo import Demo, make_server
+from cxr.server import free_ports
 from tests.conftest import REPO
-from tests.serving_support import free_ports
 
 pytestmark = pytest.mark.integration
 SCREENSHOTS = REPO / "logs" / "screenshots"

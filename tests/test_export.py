@@ -14,17 +14,17 @@ def run_export(tmp_path, *extra):
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt")
     args = export_cli.get_args_parser().parse_args(
         ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "no-data"), "--output-dir",
-         str(tmp_path / "out"), "--formats", "torchscript", "--repeats", "1", *extra])
+         str(tmp_path / "out"), "--formats", "ts", "--repeats", "1", *extra])
     return export_cli.main(args)
 
 
-def test_export_without_data_checks_on_synthetic_inputs(tmp_path):
+def test_export_without_data_checks_on_the_example_xrays(tmp_path):
     report = run_export(tmp_path)
-    assert "synthetic" in report["checked_on"]
-    row = report["variants"]["torchscript"]
+    assert "20 example X-rays" in report["checked_on"]
+    row = report["variants"]["ts"]
     assert row["check"] == "pass" and row["max_abs_diff"] <= 1e-4 and row["label_agreement"] == 1.0
     backend = load_backend(tmp_path / "out" / "model.ts")
-    assert backend.config["class_names"] == ["NORMAL", "PNEUMONIA"] and backend.config["threshold"] == 0.5
+    assert backend.config.class_names == ("NORMAL", "PNEUMONIA") and backend.config.threshold == 0.5
     assert json.loads((tmp_path / "out" / "export_report.json").read_text())["variants"]["eager"]["check"] == "pass"
     assert archive.fastest_exact_variant(tmp_path / "out") in ("eager", "ts")
 
@@ -36,3 +36,34 @@ def test_a_failed_check_fails_the_command(tmp_path, capsys):
     assert "export check failed" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.ts").exists()
     assert (tmp_path / "out" / "model.ts.failed").exists()
+
+
+def test_a_second_version_gets_its_own_archive_files(tmp_path):
+    assert archive.archive_stem("pneumonia", None, "1.0") == "pneumonia"
+    assert archive.archive_stem("pneumonia", "onnx", "2.0") == "pneumonia_onnx-2.0"
+    run_export(tmp_path)
+    store = tmp_path / "store"
+    for version in ("1.0", "2.0"):
+        archive.main(archive.get_args_parser().parse_args(
+            ["--export-dir", str(tmp_path / "out"), "--model-store", str(store), "--version", version,
+             "--variants", "ts", "--default", "ts", "--gate", ""]))
+    assert sorted(p.name for p in store.glob("*.mar")) == [
+        "pneumonia-2.0.mar", "pneumonia.mar", "pneumonia_ts-2.0.mar", "pneumonia_ts.mar"]
+
+
+def test_another_threshold_is_embedded_without_touching_the_checkpoint(tmp_path):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", threshold=0.5)
+    before = checkpoint.read_bytes()
+    export_cli.main(export_cli.get_args_parser().parse_args(
+        ["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out"), "--formats", "ts",
+         "--repeats", "1", "--threshold", "0.25", "--data", str(tmp_path / "no-data")]))
+    assert checkpoint.read_bytes() == before
+    for name in ("model.pt", "model.ts"):  # ONNX embeds the same config dict (test_handler covers that backend)
+        assert load_backend(tmp_path / "out" / name).config.threshold == 0.25, name
+
+
+def test_archives_carry_what_the_handler_imports_and_nothing_operational():
+    shipped = set(archive.serving_modules())
+    assert {"__init__.py", "backends.py", "inputs.py", "variants.py", "preprocessing.py", "gate.py"} <= shipped
+    operational = {"data.py", "metrics.py", "report.py", "server.py", "client.py", "cli.py", "paths.py", "demo.py"}
+    assert not shipped & operational

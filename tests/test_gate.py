@@ -8,9 +8,8 @@ import pytest
 from PIL import Image
 
 from cxr.gate import GATE_FILE, GateNet, OodGate, gate_input
-from handlers.cxr_handler import XrayHandler
 from tests.conftest import REPO
-from tests.handler_support import FakeContext, encode, write_tiny_checkpoint
+from tests.handler_support import encode, make_handler, run, write_tiny_checkpoint
 from training.not_xrays import CATEGORIES, not_xrays, split_of
 
 SHIPPED_GATE = REPO / "models" / "gate" / GATE_FILE
@@ -22,17 +21,6 @@ def gate_model_dir(tmp_path_factory):
     write_tiny_checkpoint(folder / "model.pt", image_size=128)
     shutil.copy2(SHIPPED_GATE, folder / GATE_FILE)
     return folder
-
-
-def make_handler(folder, **settings):
-    handler = XrayHandler()
-    handler.initialize(FakeContext(folder, "model.pt", settings))
-    return handler
-
-
-def run(handler, rows):
-    context = FakeContext(".", "model.pt")
-    return handler.handle(rows, context), context.statuses
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +92,8 @@ def test_synthetic_non_xrays_are_refused(gate_model_dir, category):
     assert len(refused) >= 0.9 * len(items), [a.get("gate", a.get("gate_score")) for a in answers]
 
 
-def test_negative_set_covers_every_category_and_splits_by_source(data_root):
-    items = not_xrays([data_root], crops_per_photo=1, synthetic_per_kind=4)
+def test_negative_set_covers_every_category_and_splits_by_source(xray_tree):
+    items = not_xrays([xray_tree], crops_per_photo=1, synthetic_per_kind=4)
     assert {item.category for item in items} == set(CATEGORIES)
     by_source = {}
     for item in items:

@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.checkpoint import load_checkpoint, serving_config
-from cxr.models import build_model
-from export.exporters import export_onnx, export_torchscript
+from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config
+from cxr.preprocessing import EvalPreset
+from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
 from handlers.cxr_handler import XrayHandler
-from tests.handler_support import FakeContext, encode, synthetic_xray, write_tiny_checkpoint
+from tests.handler_support import (
+    FakeContext,
+    assert_same_answer,
+    encode,
+    make_handler,
+    run,
+    synthetic_xray,
+    write_tiny_checkpoint,
+)
+
+# Measured: int8 moved the tiny test model's probabilities by at most MEASURED on this image.
+INT8_TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +31,6 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     write_tiny_checkpoint(folder / "model.pt")
     return folder
-
-
-def make_handler(model_dir, serialized="model.pt", **settings):
-    handler = XrayHandler()
-    handler.initialize(FakeContext(model_dir, serialized, settings))
-    return handler
-
-
-def run(handler, rows):
-    """Handle one batch; returns the answers and the statuses the handler set per request index."""
-    context = FakeContext(".", "model.pt")
-    return handler.handle(rows, context), context.statuses
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def xray_jpeg():
 def test_answer_shape(handler, xray_jpeg):
     [answer], statuses = run(handler, [{"body": xray_jpeg}])
     assert statuses == {}
-    assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
+    assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate", "population"}
     assert answer["gate"] == {"ran": False}  # this test archive carries no gate
+    assert answer["population"] == {"inside": None, "check": "absent"}  # nor a population check
     assert answer["model"] == "pneumonia" and answer["version"] == "1.0"
     assert list(answer["probabilities"]) == ["NORMAL", "PNEUMONIA"]
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -126,9 +126,10 @@ def test_base64_json_multipart_and_several_images(handler, xray_jpeg):
     answers, statuses = run(handler, rows)
     assert statuses == {}
     for answer in answers[:5]:
-        assert answer["probabilities"] == single["probabilities"]
-    assert len(answers[5]) == 3 and all(a["probabilities"] == single["probabilities"] for a in answers[5])
-    assert len(answers[6]) == 2
+        assert_same_answer(answer, single)
+    assert len(answers[5]) == 3 and len(answers[6]) == 2
+    for answer in answers[5] + answers[6]:
+        assert_same_answer(answer, single)
 
 
 @pytest.mark.parametrize(
@@ -180,10 +181,12 @@ def test_a_bad_request_fails_alone_in_its_batch(handler, xray_jpeg):
                                       {"body": b""}, {"body": {"instances": [base64.b64encode(xray_jpeg).decode(),
                                                                             "!!!"]}}])
     assert set(statuses) == {1, 3, 4}
-    assert answers[0] == alone and answers[2] == alone
+    assert_same_answer(answers[0], alone)
+    assert_same_answer(answers[2], alone)
     assert "image 1" in statuses[4][1]  # which image of a multi-image request was bad
     [after], after_statuses = run(handler, [{"body": xray_jpeg}])  # the handler is still healthy
-    assert after == alone and after_statuses == {}
+    assert after_statuses == {}
+    assert_same_answer(after, alone)
 
 
 def test_form_encoded_body_is_named_as_the_problem(handler, xray_jpeg):
@@ -201,7 +204,7 @@ def test_metrics_count_predictions_by_label_and_rejections_by_reason(handler, xr
     calls = context.metrics.calls
     assert [c[3]["Label"] for c in calls if c[1] == "CxrPredictions"] == [answers[0]["label"]]
     assert sorted(c[3]["Reason"] for c in calls if c[1] == "CxrRejected") == ["empty", "not_an_image", "truncated"]
-    assert {c[1] for c in calls if c[0] == "time"} == {"CxrPreprocessTime", "CxrInferenceTime"}
+    assert {c[1] for c in calls if c[0] == "time"} == {"HandlerTime", "CxrPreprocessTime", "CxrInferenceTime"}
 
 
 def test_explanations_give_a_grad_cam_heatmap_and_overlay(handler, model_dir, tmp_path, xray_jpeg):
@@ -210,14 +213,13 @@ def test_explanations_give_a_grad_cam_heatmap_and_overlay(handler, model_dir, tm
     answers = handler.handle([{"body": xray_jpeg}, {"body": xray_jpeg}], context)
     assert "heatmap" not in answers[0]
     explained = answers[1]
-    assert {k: explained[k] for k in answers[0]} == answers[0]
+    assert_same_answer({k: explained[k] for k in answers[0]}, answers[0])
     heatmap = np.asarray(explained["heatmap"])
     assert heatmap.shape == (64, 64) and 0.0 <= heatmap.min() and heatmap.max() == pytest.approx(1.0, abs=1e-3)
     overlay = Image.open(io.BytesIO(base64.b64decode(explained["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == (256, 256)
     checkpoint = load_checkpoint(model_dir / "model.pt")
-    model = build_model("resnet18", 2, 1)
-    model.load_state_dict(checkpoint["state_dict"])
+    model = model_from_checkpoint(checkpoint)
     export_torchscript(model.eval(), serving_config(checkpoint), tmp_path / "model.ts")
     context = FakeContext(".", "model.ts")
     context.headers[0] = {"explain": "True"}
@@ -230,19 +232,35 @@ def test_all_bad_batch_runs_no_model(handler):
     assert [s[0] for s in statuses.values()] == [400, 400] and len(answers) == 2
 
 
-def test_module_entry_point_initializes_once(model_dir, xray_jpeg):
+def test_torchserve_finds_one_handler_class_on_its_own_contract(model_dir, xray_jpeg):
+    """TorchServe instantiates the module's single class and calls BaseHandler.handle: nothing overrides it."""
+    from ts.torch_handler.base_handler import BaseHandler
+    from ts.utils.util import list_classes_from_module
+
     from handlers import cxr_handler
 
+    assert not hasattr(cxr_handler, "handle") and "handle" not in vars(XrayHandler)
+    [handler_class] = list_classes_from_module(cxr_handler)
+    assert handler_class is XrayHandler and issubclass(handler_class, BaseHandler)
+    handler = handler_class()
     context = FakeContext(model_dir, "model.pt")
-    assert cxr_handler.handle(None, context) is None
-    [answer] = cxr_handler.handle([{"body": xray_jpeg}], context)
+    handler.initialize(context)
+    [answer] = handler.handle([{"body": xray_jpeg}], context)
     assert answer["label"] in ("NORMAL", "PNEUMONIA")
+    assert {"HandlerTime", "CxrPreprocessTime", "CxrInferenceTime"} <= {call[1] for call in context.metrics.calls}
+
+
+def test_describe_gives_the_model_config(handler):
+    context = FakeContext(".", "model.pt")
+    context.headers[0] = {"describe": "True"}
+    [described] = handler.handle([{"body": b""}], context)
+    assert described["class_names"] == ["NORMAL", "PNEUMONIA"] and described["threshold"] == 0.5
+    assert described["preprocessing"]["image_size"] == 64 and described["backend"] == "eager"
 
 
 def test_torchscript_and_onnx_backends_answer_like_eager(model_dir, tmp_path, xray_jpeg):
     checkpoint = load_checkpoint(model_dir / "model.pt")
-    model = build_model("resnet18", 2, 1)
-    model.load_state_dict(checkpoint["state_dict"])
+    model = model_from_checkpoint(checkpoint)
     export_torchscript(model.eval(), serving_config(checkpoint), tmp_path / "model.ts")
     export_onnx(model.eval(), serving_config(checkpoint), tmp_path / "model.onnx")
     [eager], _ = run(make_handler(model_dir), [{"body": xray_jpeg}])
@@ -253,3 +271,22 @@ def test_torchscript_and_onnx_backends_answer_like_eager(model_dir, tmp_path, xr
         for cls, p in eager["probabilities"].items():
             assert answer["probabilities"][cls] == pytest.approx(p, abs=1e-4), name
     assert json.loads(json.dumps(eager)) == eager  # JSON-serialisable as TorchServe sends it
+
+
+def test_int8_archive_model_answers_through_the_handler(model_dir, tmp_path, xray_jpeg):
+    """The int8 file a `_int8.mar` carries answers through the handler: same schema and classes as eager, its
+    probabilities close to eager's (its own agreement/AUC check on real X-rays is export's job)."""
+    checkpoint = load_checkpoint(model_dir / "model.pt")
+    model = model_from_checkpoint(checkpoint)
+    export_onnx(model.eval(), serving_config(checkpoint), tmp_path / "model.onnx")
+    preset = EvalPreset(preprocess_config(checkpoint))
+    calibration = np.stack([preset(Image.fromarray(np.roll(synthetic_xray(), shift, axis=1), mode="L")).numpy()
+                            for shift in range(0, 160, 10)])
+    quantize_onnx_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", calibration)
+    [eager], _ = run(make_handler(model_dir), [{"body": xray_jpeg}])
+    [answer], statuses = run(make_handler(tmp_path, "model.int8.onnx"), [{"body": xray_jpeg}])
+    assert statuses == {} and set(answer) == set(eager)
+    assert list(answer["probabilities"]) == list(eager["probabilities"])
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    for cls, p in eager["probabilities"].items():
+        assert answer["probabilities"][cls] == pytest.approx(p, abs=INT8_TOLERANCE)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from cxr.decision import apply_temperature, softmax
 from cxr.metrics import (
-    apply_temperature,
     average_precision,
     brier_score,
     choose_threshold,
@@ -16,7 +16,6 @@ from cxr.metrics import (
     negative_log_likelihood,
     roc_auc,
     roc_curve,
-    softmax,
 )
 
 

@@ -19,6 +19,7 @@ from cxr import cli
 from cxr.client import Client as CxrClient
 from cxr.client import PredictionError
 from tests.conftest import SHIPPED_MODEL
+from tests.handler_support import assert_same_answer
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +69,7 @@ def test_onnx_and_eager_archives_agree(served, sample_paths):
     for path in sample_paths[::8]:
         _, onnx_answer = served.predict(path.read_bytes())
         _, eager_answer = served.predict(path.read_bytes(), model="pneumonia_eager")
-        assert onnx_answer["label"] == eager_answer["label"]
-        for name, p in eager_answer["probabilities"].items():
-            assert onnx_answer["probabilities"][name] == pytest.approx(p, abs=1e-4)
+        assert_same_answer({**onnx_answer, "model": "pneumonia_eager"}, eager_answer)
 
 
 def test_request_shapes(served, sample_paths):
@@ -79,12 +78,15 @@ def test_request_shapes(served, sample_paths):
     encoded = base64.b64encode(data).decode()
     status, listed = served.predict(json.dumps({"instances": [encoded, encoded]}).encode(),
                                     content_type="application/json")
-    assert status == 200 and listed == [raw, raw]
+    assert status == 200 and len(listed) == 2
+    for answer in listed:
+        assert_same_answer(answer, raw)
     boundary = "cxrboundary"
     multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.jpeg\"\r\n"
                  f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     status, answer = served.predict(multipart, content_type=f"multipart/form-data; boundary={boundary}")
-    assert status == 200 and answer == raw
+    assert status == 200
+    assert_same_answer(answer, raw)
 
 
 def test_bad_inputs_fail_alone_and_the_worker_survives(served, sample_paths):
@@ -146,27 +148,6 @@ def test_oversized_body_is_refused_by_the_frontend(served):
     assert b" 413 " in status_line + b" ", status_line
 
 
-@pytest.mark.parametrize(("variant", "tolerance"), [("ts", 1e-4), ("onnx", 1e-4), ("int8", None)])
-def test_every_archive_registers_and_agrees_with_eager(served, sample_paths, variant, tolerance):
-    name = f"pneumonia_{variant}"
-    registered = served.request(f"/models?url={name}.mar&model_name={name}&initial_workers=1&synchronous=true",
-                                body=b"", key="management", api="management", method="POST")
-    assert registered[0] == 200, registered
-    try:
-        agree = 0
-        for path in sample_paths:
-            status, answer = served.predict(path.read_bytes(), model=name)
-            _, eager = served.predict(path.read_bytes(), model="pneumonia_eager")
-            assert status == 200 and answer["model"] == name
-            agree += answer["label"] == eager["label"]
-            if tolerance is not None:
-                for cls, p in eager["probabilities"].items():
-                    assert answer["probabilities"][cls] == pytest.approx(p, abs=tolerance)
-        assert agree / len(sample_paths) >= (1.0 if tolerance is not None else 0.95)
-    finally:
-        served.request(f"/models/{name}", key="management", api="management", method="DELETE")
-
-
 def test_remote_archive_urls_are_refused(served):
     status, body = served.request("/models?url=http://127.0.0.1:9/evil.mar&initial_workers=1", body=b"",
                                   key="management", api="management", method="POST")
@@ -209,7 +190,7 @@ def test_rest_and_grpc_give_the_same_answers(client, sample_paths):
     assert client.ping("rest") == client.ping("grpc") == "Healthy"
     for path in sample_paths[::4]:
         data = path.read_bytes()
-        assert client.predict(data, protocol="grpc") == client.predict(data, protocol="rest")
+        assert_same_answer(client.predict(data, protocol="grpc"), client.predict(data, protocol="rest"))
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -244,7 +225,7 @@ def test_cli_predict_prints_one_answer_per_image(served, capsys, sample_paths, p
     code, answers = run_cli(served, capsys, "predict", "--protocol", protocol, *images)
     assert code == 0 and len(answers) == 3
     for path, answer in zip(sample_paths[:3], answers, strict=True):
-        assert answer == served.predict(path.read_bytes())[1]
+        assert_same_answer(answer, served.predict(path.read_bytes())[1])
 
 
 def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample_paths, tmp_path):
@@ -254,7 +235,7 @@ def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample
     assert code == 1
     assert answers[0]["label"] in ("NORMAL", "PNEUMONIA")
     assert answers[1]["code"] == 400 and "not an image" in answers[1]["error"] and answers[1]["file"] == str(junk)
-    assert answers[2]["code"] == 400 and "cannot read file" in answers[2]["error"]
+    assert answers[2] == {"file": str(tmp_path / "missing.png"), "code": 400, "error": "no such file"}
 
 
 def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
@@ -269,7 +250,8 @@ def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
     status, answer = served.predict(dicom.read_bytes(), content_type="application/dicom")
     assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA")
     code, [cli_answer] = run_cli(served, capsys, "predict", str(dicom))
-    assert code == 0 and cli_answer == answer
+    assert code == 0
+    assert_same_answer(cli_answer, answer)
 
 
 def test_cli_models_and_installed_entry_point(served, capsys):
@@ -322,7 +304,7 @@ def test_swap_under_load_loses_no_request(served, capsys, sample_paths, tmp_path
     try:
         time.sleep(1.5)
         options = ["--samples", str(sample_paths[0].parent.parent), "--history", str(tmp_path / "history.json")]
-        code, [deployed] = run_cli(served, capsys, "deploy", "pneumonia_v2.mar", *options)
+        code, [deployed] = run_cli(served, capsys, "deploy", "pneumonia-2.0.mar", *options)
         assert code == 0 and (deployed["old_version"], deployed["new_version"]) == ("1.0", "2.0")
         time.sleep(1.5)
         code, [rolled_back] = run_cli(served, capsys, "rollback", *options)
@@ -344,3 +326,10 @@ def test_scale_workers_up_and_down(served, capsys):
         code, _ = run_cli(served, capsys, "scale", str(workers), "--model", "pneumonia_eager")
         assert code == 0
         assert len(served.worker_pids("pneumonia_eager")) == workers
+
+
+def test_customized_describe_gives_the_model_config(served):
+    """`?customized=true` runs the handler's describe_handle: classes, threshold and preprocessing of the model."""
+    status, body = served.request("/models/pneumonia?customized=true", key="management", api="management")
+    assert status == 200, body
+    assert "class_names" in json.dumps(body) and "PNEUMONIA" in json.dumps(body), body

@@ -7,15 +7,17 @@ import pytest
 from cxr.checkpoint import load_checkpoint
 from training import evaluate, train
 
+pytestmark = pytest.mark.slow
+
 PER_CLASS = {"train": 12, "val": 8, "test": 8}
 
 
 @pytest.fixture(scope="module")
-def tiny_tree(data_root, tmp_path_factory):
+def tiny_tree(xray_tree, tmp_path_factory):
     """Symlinks to a few real images per class and split (nothing is copied)."""
     root = tmp_path_factory.mktemp("tiny")
     for split, count in PER_CLASS.items():
-        for class_dir in sorted((data_root / split).iterdir()):
+        for class_dir in sorted((xray_tree / split).iterdir()):
             target = root / split / class_dir.name
             target.mkdir(parents=True)
             for path in sorted(class_dir.iterdir())[:count]:

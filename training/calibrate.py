@@ -1,12 +1,13 @@
 """Temperature scaling fitted on val, the recall-first threshold re-chosen on the calibrated probabilities.
 
-    python -m training.calibrate --checkpoint models/pneumonia/model.pt --report-dir docs/pneumonia
+    python -m training.calibrate --checkpoint models/pneumonia/model.pt --output runs/calibrate/model.pt
 
-Updates the checkpoint in place (its `temperature`, `threshold` and recorded metrics; the weights are not
-touched) and writes `calibration.md`, `calibration.json` and reliability diagrams (val and test, before and
-after) to --report-dir. Temperature scaling changes no argmax, and in a 2-class model no ranking: AUC and the
-decisions at the re-chosen (equivalent) threshold stay as they were, the probabilities become honest. With more
-than two classes the argmax decisions stay and one-vs-rest AUCs can move slightly.
+Writes a copy of the checkpoint with its `temperature`, `threshold` and recorded metrics set (the weights are
+not touched; the input file is never rewritten) and writes `calibration.md`, `calibration.json` and
+reliability diagrams (val and test, before and after) to --report-dir. Temperature scaling changes no argmax,
+and in a 2-class model no ranking: AUC and the decisions at the re-chosen (equivalent) threshold stay as they
+were, the probabilities become honest. With more than two classes the argmax decisions stay and one-vs-rest
+AUCs can move slightly.
 `training.train` runs the same step on its own model.pt.
 """
 
@@ -14,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxr.checkpoint import load_checkpoint, write_checkpoint
+from cxr.checkpoint import ServingConfig, load_checkpoint, write_checkpoint
+from cxr.commands import command_parser
 from cxr.data import resolve_data_root
+from cxr.decision import apply_temperature
 from cxr.metrics import (
-    apply_temperature,
+    HEADLINE_KEYS,
     brier_score,
     choose_threshold,
     classification_report,
@@ -31,7 +35,8 @@ from cxr.metrics import (
     negative_log_likelihood,
     reliability_bins,
 )
-from training.evaluate import evaluate_checkpoint, positive_index
+from cxr.report import figure, table
+from training.evaluate import evaluate_checkpoint
 
 
 def calibration_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -41,66 +46,73 @@ def calibration_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[st
 
 def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
     """Reliability diagram: accuracy against confidence per bin, one line per curve (e.g. before/after)."""
-    import matplotlib
+    with figure(path, figsize=(4.8, 4.4)) as axes:
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        for name, (labels, probabilities) in curves.items():
+            rows = reliability_bins(labels, probabilities)
+            ece = expected_calibration_error(labels, probabilities)
+            axes.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                      label=f"{name} (ECE {ece:.3f})")
+        axes.set(xlabel="confidence of the predicted class", ylabel="accuracy", title=title, xlim=(0, 1.02),
+                 ylim=(0, 1.02))
+        axes.legend(loc="upper left", fontsize=8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4.8, 4.4))
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    for name, (labels, probabilities) in curves.items():
-        rows = reliability_bins(labels, probabilities)
-        ece = expected_calibration_error(labels, probabilities)
-        axes.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-                  label=f"{name} (ECE {ece:.3f})")
-    axes.set(xlabel="confidence of the predicted class", ylabel="accuracy", title=title, xlim=(0, 1.02),
-             ylim=(0, 1.02))
-    axes.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration decided for a checkpoint: the caller applies it (`apply`), the input stays as it was.
+
+    `metrics` holds, per split, the headline figures on the calibrated probabilities; `report` the before/after
+    calibration scores written to calibration.md; `scored` per split the full classification report with the
+    labels and calibrated probabilities it came from."""
+    temperature: float
+    threshold: float | None
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+    scored: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]]
+
+    def apply(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `checkpoint` with this temperature, threshold and metrics."""
+        return {**checkpoint, "temperature": self.temperature, "threshold": self.threshold,
+                "metrics": {**(checkpoint.get("metrics") or {}), **self.metrics}}
 
 
 def calibrate(checkpoint: dict[str, Any], data_root: Path, *, min_sensitivity: float, workers: int = 1,
-              report_dir: Path | None = None, splits: tuple[str, ...] = ("val", "test"),
-              ) -> tuple[dict[str, Any], dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]]]:
+              report_dir: Path | None = None, splits: tuple[str, ...] = ("val", "test")) -> Calibration:
     """Fit the temperature on val, re-choose the threshold on calibrated val, score every split before and
-    after. Mutates `checkpoint` (temperature, threshold, metrics); returns the calibration report and, per
-    split, the full classification report with the labels and calibrated probabilities it came from."""
-    checkpoint["temperature"] = 1.0
+    after. Reads `checkpoint` without changing it."""
+    uncalibrated = {**checkpoint, "temperature": 1.0}
     raw = {}
     for split in splits:
         if (data_root / split).is_dir():
-            _, labels, probabilities = evaluate_checkpoint(checkpoint, data_root, split, workers=workers, bootstrap=0)
+            _, labels, probabilities = evaluate_checkpoint(uncalibrated, data_root, split, workers=workers,
+                                                           bootstrap=0)
             raw[split] = (labels, probabilities)
     temperature = fit_temperature(*raw["val"])
-    checkpoint["temperature"] = temperature
-    positive = positive_index(checkpoint)
+    positive = ServingConfig.from_checkpoint(checkpoint).positive_index
+    threshold = checkpoint.get("threshold")
     if positive is not None:
         labels, probabilities = raw["val"]
         calibrated = apply_temperature(probabilities, temperature)
-        checkpoint["threshold"] = choose_threshold(labels == positive, calibrated[:, positive], min_sensitivity)
-    report: dict[str, Any] = {"temperature": temperature, "threshold": checkpoint.get("threshold")}
-    metrics, scored_splits = dict(checkpoint.get("metrics") or {}), {}
+        threshold = choose_threshold(labels == positive, calibrated[:, positive], min_sensitivity)
+    report: dict[str, Any] = {"temperature": temperature, "threshold": threshold}
+    metrics, scored_splits = {}, {}
     for split, (labels, probabilities) in raw.items():
         calibrated = apply_temperature(probabilities, temperature)
         report[split] = {"before": calibration_scores(labels, probabilities),
                          "after": calibration_scores(labels, calibrated)}
         scored = classification_report(labels, calibrated, checkpoint["class_names"], positive_index=positive,
-                                       threshold=checkpoint.get("threshold"))
-        keys = ("n", "roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1",
-                "balanced_accuracy", "macro_auc", "confusion_matrix", "ci95", "threshold")
-        metrics[split] = {**{key: scored[key] for key in keys if key in scored}, **report[split]["after"]}
+                                       threshold=threshold)
+        metrics[split] = {**{key: scored[key] for key in HEADLINE_KEYS if key in scored}, **report[split]["after"]}
         scored_splits[split] = (scored, labels, calibrated)
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
             plot_reliability({"before": (labels, probabilities), f"after (T={temperature:.2f})": (labels, calibrated)},
                              report_dir / f"reliability_{split}.png", f"Reliability - {split}")
-    checkpoint["metrics"] = metrics
     if report_dir is not None:
         (report_dir / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
         (report_dir / "calibration.md").write_text(markdown(report))
-    return report, scored_splits
+    return Calibration(temperature, threshold, metrics, report, scored_splits)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -109,8 +121,7 @@ def markdown(report: dict[str, Any]) -> str:
              "softmax(logits / T)). "
              + (f"Recall-first threshold re-chosen on the calibrated val probabilities: {report['threshold']:.4f}."
                 if report.get("threshold") is not None else "Argmax decisions (no threshold)."), "",
-             "| split | ECE before | ECE after | Brier before | Brier after | NLL before | NLL after |",
-             "|---|---|---|---|---|---|---|"]
+             *table(["split", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before", "NLL after"])]
     for split in ("val", "test"):
         if split in report:
             before, after = report[split]["before"], report[split]["after"]
@@ -126,18 +137,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = load_checkpoint(args.checkpoint)
     data_root = resolve_data_root(args.data)
     min_sensitivity = args.min_sensitivity or checkpoint.get("train_config", {}).get("min_sensitivity", 0.95)
-    report, _ = calibrate(checkpoint, data_root, min_sensitivity=min_sensitivity, workers=args.workers,
-                       report_dir=Path(args.report_dir) if args.report_dir else None)
-    write_checkpoint(args.checkpoint, checkpoint)
-    print(json.dumps(report, indent=2))
-    return report
+    calibration = calibrate(checkpoint, data_root, min_sensitivity=min_sensitivity, workers=args.workers,
+                            report_dir=Path(args.report_dir) if args.report_dir else None)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(args.output, calibration.apply(checkpoint))
+    print(json.dumps(calibration.report, indent=2))
+    print(f"calibrated checkpoint: {args.output} (the input {args.checkpoint} is unchanged)")
+    return calibration.report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="models/pneumonia/model.pt", help="updated in place")
-    parser.add_argument("--data", default=None, help="data root (default: $CXR_DATA, else ../shared/data/pneumonia)")
-    parser.add_argument("--report-dir", default=None, help="where calibration.md and the diagrams go")
+    parser = command_parser(__doc__)
+    parser.add_argument("--checkpoint", default="models/pneumonia/model.pt", help="read, never rewritten")
+    parser.add_argument("--output", default="runs/calibrate/model.pt", help="the calibrated checkpoint")
+    parser.add_argument("--data", default=None, help="ImageFolder root (default: $CXR_DATA/pneumonia)")
+    parser.add_argument("--report-dir", default="runs/calibrate", help="where calibration.md and the diagrams go")
     parser.add_argument("--min-sensitivity", type=float, default=None,
                         help="recall-first target on val (default: the one the model was trained with)")
     parser.add_argument("--workers", type=int, default=1)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint
+from cxr.commands import command_parser
 from cxr.models import count_parameters
 from cxr.timing import images_per_second
 
@@ -94,7 +95,7 @@ reported once, for information, and were not used to choose.
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("checkpoints", nargs="+", help="model.pt files to compare")
     parser.add_argument("--output", default=None, help="write the Markdown table here as well as printing it")
     parser.add_argument("--threads", default=2, type=int)

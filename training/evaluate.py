@@ -18,10 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr.checkpoint import SUMMARY_KEYS, ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr.commands import command_parser
 from cxr.data import XrayFolder, collate_skip_invalid, resolve_data_root
-from cxr.metrics import apply_temperature, classification_report, roc_curve
+from cxr.decision import apply_temperature
+from cxr.metrics import classification_report, roc_curve
 from cxr.preprocessing import EvalPreset
+from cxr.report import figure, table
 
 
 @torch.no_grad()
@@ -54,11 +57,6 @@ def predict_dataset(
     return np.concatenate(labels), np.concatenate(probabilities), paths
 
 
-def positive_index(checkpoint: dict[str, Any]) -> int | None:
-    positive = checkpoint.get("positive_class")
-    return checkpoint["class_names"].index(positive) if positive is not None else None
-
-
 def evaluate_checkpoint(
     checkpoint: dict[str, Any], data_root: Path, split: str, *, batch_size: int = 64, workers: int = 1,
     bootstrap: int = 1000,
@@ -73,10 +71,10 @@ def evaluate_checkpoint(
         model, dataset, batch_size=batch_size, workers=workers, progress=f"eval {split}"
     )
     probabilities = apply_temperature(probabilities, float(checkpoint.get("temperature", 1.0)))
-    report = classification_report(
-        labels, probabilities, checkpoint["class_names"], positive_index=positive_index(checkpoint),
-        threshold=checkpoint.get("threshold"), bootstrap=bootstrap,
-    )
+    serving = ServingConfig.from_checkpoint(checkpoint)
+    report = classification_report(labels, probabilities, list(serving.class_names),
+                                   positive_index=serving.positive_index, threshold=serving.threshold,
+                                   bootstrap=bootstrap)
     report["skipped_files"] = dataset.skipped
     return report, labels, probabilities
 
@@ -89,15 +87,14 @@ def markdown_report(report: dict[str, Any], class_names: list[str], title: str) 
     """A human-readable summary of `classification_report` output."""
     ci = report.get("ci95", {})
     lines = [f"# {title}", "", f"Images: {report['n']}; threshold: {report.get('threshold')}", ""]
-    lines += ["| metric | value | 95% CI (bootstrap) |", "|---|---|---|"]
+    lines += [*table(["metric", "value", "95% CI (bootstrap)"])]
     for key in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1",
                 "balanced_accuracy", "macro_auc"):
         if key in report:
             interval = ci.get(key)
             shown = f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else ""
             lines.append(f"| {key} | {_format(report[key])} | {shown} |")
-    lines += ["", "| class | support | sensitivity | specificity | precision | F1 | AUC (one-vs-rest) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", *table(["class", "support", "sensitivity", "specificity", "precision", "F1", "AUC (one-vs-rest)"])]
     for name in class_names:
         row = report["per_class"][name]
         lines.append(
@@ -112,42 +109,27 @@ def markdown_report(report: dict[str, Any], class_names: list[str], title: str) 
 
 
 def plot_roc(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 5))
-    indices = [len(class_names) - 1] if len(class_names) == 2 else range(len(class_names))
-    for index in indices:
-        fpr, tpr, _ = roc_curve(labels == index, probabilities[:, index])
-        axis.plot(fpr, tpr, label=class_names[index])
-    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
-    axis.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with figure(path, figsize=(5, 5), dpi=120) as axis:
+        indices = [len(class_names) - 1] if len(class_names) == 2 else range(len(class_names))
+        for index in indices:
+            fpr, tpr, _ = roc_curve(labels == index, probabilities[:, index])
+            axis.plot(fpr, tpr, label=class_names[index])
+        axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+        axis.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+        axis.legend(loc="lower right")
 
 
 def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = np.asarray(matrix)
-    figure, axis = plt.subplots(figsize=(1.4 * len(class_names) + 2, 1.2 * len(class_names) + 1.6))
-    axis.imshow(values, cmap="Blues")
-    for (row, column), count in np.ndenumerate(values):
-        colour = "white" if count > values.max() / 2 else "black"
-        axis.text(column, row, str(count), ha="center", va="center", color=colour)
-    axis.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
-    axis.set_yticks(range(len(class_names)), class_names)
-    axis.set(xlabel="predicted", ylabel="true", title=title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    size = (1.4 * len(class_names) + 2, 1.2 * len(class_names) + 1.6)
+    with figure(path, figsize=size, dpi=120) as axis:
+        axis.imshow(values, cmap="Blues")
+        for (row, column), count in np.ndenumerate(values):
+            colour = "white" if count > values.max() / 2 else "black"
+            axis.text(column, row, str(count), ha="center", va="center", color=colour)
+        axis.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+        axis.set_yticks(range(len(class_names)), class_names)
+        axis.set(xlabel="predicted", ylabel="true", title=title)
 
 
 def write_report(
@@ -163,9 +145,9 @@ def write_report(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--checkpoint", default="models/pneumonia/model.pt", help="checkpoint to evaluate")
-    parser.add_argument("--data", default=None, help="data root (default: $CXR_DATA, else ../shared/data/pneumonia)")
+    parser.add_argument("--data", default=None, help="ImageFolder root (default: $CXR_DATA/pneumonia)")
     parser.add_argument("--split", default="test", help="split folder to evaluate (val or test)")
     parser.add_argument("--output-dir", default=None, help="where reports go (default: next to the checkpoint)")
     parser.add_argument("--batch-size", default=64, type=int)
@@ -186,8 +168,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     output_dir = Path(args.output_dir) if args.output_dir else checkpoint_path.parent / "reports"
     write_report(report, labels, probabilities, checkpoint["class_names"], output_dir, args.split)
-    keys = ("roc_auc", "accuracy", "sensitivity", "specificity", "macro_auc", "balanced_accuracy")
-    headline = {key: report[key] for key in keys if key in report}
+    headline = {key: report[key] for key in SUMMARY_KEYS if key in report}
     print(json.dumps({"split": args.split, "n": report["n"], **headline}, indent=2))
     print(f"reports written to {output_dir}/{args.split}.{{json,md}}, {args.split}_roc.png, {args.split}_confusion.png")
     return report

@@ -1,11 +1,11 @@
 """Train the out-of-distribution gate (`cxr.gate`) and report what it accepts and refuses.
 
-    python -m training.fit_gate --data ../shared/data/pneumonia --data ../shared/data/multiclass
+    python -m training.fit_gate --data "$CXR_DATA/pneumonia" --data "$CXR_DATA/multiclass"
 
 Positives: the train X-rays of every --data root. Negatives: the "dev" half of `training.not_xrays` plus more
 synthetic noise/blank/drawing/document images. The limit is chosen on the val X-rays; the report scores every
 split and class folder of every root and the "held_out" half of the negatives (never used for fitting).
-Writes `models/gate/ood_gate.pt` and `docs/gate.md`.
+Writes `runs/gate/ood_gate.pt` and `runs/gate/gate.md`; copy them to `models/gate/` and `docs/` to ship.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cxr.commands import command_parser
 from cxr.data import IMAGE_EXTENSIONS
 from cxr.gate import GateNet, OodGate, gate_input
 from cxr.preprocessing import EvalPreset, PreprocessConfig, load_image
+from cxr.report import table
 from training.not_xrays import CATEGORIES, not_xrays, split_of
 
 # The gate sees the model input; every shipped model uses 128 px with these statistics.
@@ -187,11 +189,11 @@ def write_report(path: Path, metrics: dict[str, Any], limit: float, accepted_exa
              "`not a chest X-ray` when its score (probability of not being a chest X-ray) is above "
              f"**{limit:.3f}** (chosen on the val X-rays).", "",
              "## Chest X-rays accepted (goal >= 99.5% in every split and source)", "",
-             "| split / class folder (source) | n | accepted |", "|---|---|---|"]
+             *table(["split / class folder (source)", "n", "accepted"])]
     lines += [f"| {name} | {v['n']} | {v['accepted']:.2%} |" for name, v in metrics["acceptance"].items()]
     lines += ["", "## Held-out images that are not chest X-rays refused (goal >= 95%)", "",
               "Never used for fitting: the other half of `training.not_xrays` (whole source images held out).", "",
-              "| category | n | refused |", "|---|---|---|"]
+              *table(["category", "n", "refused"])]
     lines += [f"| {name} | {v['n']} | {v['refused']:.1%} |" for name, v in metrics["held_out_refusal"].items()]
     lines += [f"| **all** | {sum(v['n'] for v in metrics['held_out_refusal'].values())} | "
               f"**{metrics['held_out_refused']:.1%}** |", ""]
@@ -208,10 +210,10 @@ def write_report(path: Path, metrics: dict[str, Any], limit: float, accepted_exa
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--data", action="append", required=True, help="an ImageFolder root (repeatable)")
-    parser.add_argument("--output", default="models/gate/ood_gate.pt")
-    parser.add_argument("--report", default="docs/gate.md")
+    parser.add_argument("--output", default="runs/gate/ood_gate.pt", help="copy to models/gate/ to ship it")
+    parser.add_argument("--report", default="runs/gate/gate.md")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--extra-synthetic", type=int, default=3, help="extra seeds of synthetic negatives")
     parser.add_argument("--accept-quantile", type=float, default=0.999)

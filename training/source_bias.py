@@ -1,7 +1,7 @@
 """How much of a multi-source classifier's skill is the source? Two probes, written to a Markdown report.
 
-    python -m training.source_bias --checkpoint models/cxr4/model.pt --data ../shared/data/multiclass \
-        --probe ../shared/data/pneumonia/test --output docs/cxr4/source_bias.md
+    python -m training.source_bias --checkpoint models/cxr4/model.pt   # data: multiclass/ under $CXR_DATA
+        # probe: pneumonia/test; report: runs/reports/cxr4/source_bias.md (make source-bias REPORTS=docs)
 
 1. Cross-source probe: the model labels images of known classes that come from another source (by default the
    Kermany pediatric test split: NORMAL and PNEUMONIA). In the 4-class set, NORMAL comes mostly from the COVID-19
@@ -23,9 +23,13 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr.commands import command_parser
 from cxr.data import IMAGE_EXTENSIONS, XrayFolder
-from cxr.metrics import apply_temperature, classification_report
+from cxr.decision import apply_temperature
+from cxr.metrics import classification_report
+from cxr.paths import data_root
 from cxr.preprocessing import EvalPreset, load_image
+from cxr.report import table
 from training.evaluate import evaluate_checkpoint, predict_dataset
 
 
@@ -89,8 +93,7 @@ def markdown(checkpoint: dict[str, Any], probe_root: Path, probe: dict[str, dict
         lines.append(f"| {true} | {total} | " + " | ".join(
             f"{counts[n]} ({counts[n] / max(total, 1):.0%})" for n in names) + " |")
     lines += ["", "## 2. A model that sees only image statistics (grey-level histogram, mean, std, size)", "",
-              "| test split | accuracy | balanced accuracy | macro AUC | confusion matrix (rows true) |",
-              "|---|---|---|---|---|"]
+              *table(["test split", "accuracy", "balanced accuracy", "macro AUC", "confusion matrix (rows true)"])]
     for name, scores in statistics.items():
         lines.append(f"| logistic regression on {name} | {scores['accuracy']:.3f} | {scores['balanced_accuracy']:.3f} "
                      f"| {scores['macro_auc']:.3f} | `{scores['confusion_matrix']}` |")
@@ -117,11 +120,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--checkpoint", default="models/cxr4/model.pt")
-    parser.add_argument("--data", default="../shared/data/multiclass")
-    parser.add_argument("--probe", default="../shared/data/pneumonia/test")
-    parser.add_argument("--output", default="docs/cxr4/source_bias.md")
+    parser.add_argument("--data", default=str(data_root() / "multiclass"))
+    parser.add_argument("--probe", default=str(data_root() / "pneumonia" / "test"))
+    parser.add_argument("--output", default="runs/reports/cxr4/source_bias.md")
     return parser
 
 

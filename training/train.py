@@ -24,11 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cxr.checkpoint import SUMMARY_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+from cxr.commands import command_parser
 from cxr.data import XrayFolder, collate_skip_invalid, manifest_sha256, resolve_data_root
 from cxr.metrics import roc_auc
 from cxr.models import SUPPORTED_ARCHITECTURES, build_model, count_parameters
 from cxr.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
+from cxr.report import figure
 from training.calibrate import calibrate
 from training.evaluate import predict_dataset, write_report
 
@@ -37,8 +39,8 @@ CSV_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_au
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="data root (default: $CXR_DATA, else ../shared/data/pneumonia)")
+    parser = command_parser(__doc__)
+    parser.add_argument("--data", default=None, help="ImageFolder root (default: $CXR_DATA/pneumonia)")
     parser.add_argument("--arch", default="resnet18", choices=SUPPORTED_ARCHITECTURES)
     parser.add_argument("--image-size", default=128, type=int, help="square input side in pixels")
     parser.add_argument("--channels", default=1, type=int, choices=(1, 3), help="1: grayscale stem; 3: replicated")
@@ -158,25 +160,17 @@ def validation_scores(labels: np.ndarray, probabilities: np.ndarray, positive: i
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [row["epoch"] for row in history]
-    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], label="train")
-    loss_axis.plot(epochs, [row["val_loss"] for row in history], label="val")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    loss_axis.legend()
-    auc_axis.plot(epochs, [row["val_auc"] for row in history], label="val AUC")
-    auc_axis.plot(epochs, [row["val_accuracy"] for row in history], label="val accuracy (argmax)")
-    auc_axis.plot(epochs, [row["train_accuracy"] for row in history], label="train accuracy")
-    auc_axis.set(xlabel="epoch", title="validation")
-    auc_axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure(path, figsize=(10, 4), ncols=2) as (loss_axis, auc_axis):
+        loss_axis.plot(epochs, [row["train_loss"] for row in history], label="train")
+        loss_axis.plot(epochs, [row["val_loss"] for row in history], label="val")
+        loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+        loss_axis.legend()
+        auc_axis.plot(epochs, [row["val_auc"] for row in history], label="val AUC")
+        auc_axis.plot(epochs, [row["val_accuracy"] for row in history], label="val accuracy (argmax)")
+        auc_axis.plot(epochs, [row["train_accuracy"] for row in history], label="train accuracy")
+        auc_axis.set(xlabel="epoch", title="validation")
+        auc_axis.legend()
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,27 +271,21 @@ def finalize(args: argparse.Namespace, output_dir: Path, data_root: Path, common
     probabilities, evaluate test once, and write model.pt with reports (incl. reliability diagrams)."""
     best = load_checkpoint(output_dir / "best.pt")
     splits = ("val",) if args.skip_test or not (data_root / "test").is_dir() else ("val", "test")
-    calibration, scored = calibrate(best, data_root, min_sensitivity=args.min_sensitivity, workers=args.workers,
-                                    report_dir=output_dir / "reports", splits=splits)
-    for split, (report, labels, probabilities) in scored.items():
+    calibration = calibrate(best, data_root, min_sensitivity=args.min_sensitivity, workers=args.workers,
+                            report_dir=output_dir / "reports", splits=splits)
+    for split, (report, labels, probabilities) in calibration.scored.items():
         write_report(report, labels, probabilities, best["class_names"], output_dir / "reports", split)
-    metrics, threshold, temperature = best["metrics"], best["threshold"], best["temperature"]
+    calibrated = calibration.apply(best)
+    metrics, threshold, temperature = calibrated["metrics"], calibrated["threshold"], calibrated["temperature"]
     save_checkpoint(output_dir / "model.pt", model_from_checkpoint(best), threshold=threshold, metrics=metrics,
                     temperature=temperature, epoch=best["epoch"], half=args.half_checkpoint, **common)
     (output_dir / "metrics.json").write_text(json.dumps({"threshold": threshold, "temperature": temperature,
                                                          "best_epoch": best["epoch"], **metrics}, indent=2) + "\n")
-    shown = ("n", "roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "macro_auc", "ece")
+    shown = ("n", *SUMMARY_KEYS, "ece")
     print(json.dumps({"threshold": threshold, "temperature": temperature,
                       **{split: {k: v for k, v in values.items() if k in shown} for split, values in metrics.items()
                          if isinstance(values, dict)}}, indent=2))
-    return {"threshold": threshold, "temperature": calibration["temperature"], **metrics}
-
-
-def _headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a checkpoint carries about itself (the full reports sit next to it)."""
-    keys = ("n", "roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1",
-            "balanced_accuracy", "macro_auc", "confusion_matrix", "ci95", "threshold")
-    return {key: report[key] for key in keys if key in report}
+    return {"threshold": threshold, "temperature": temperature, **metrics}
 
 
 def _write_history(history: list[dict[str, float]], path: Path) -> None:

@@ -38,6 +38,15 @@ function showResult(data) {
   $("elapsed").textContent = `${data.elapsed_ms} ms`;
   $("gate").textContent = answer.gate && answer.gate.ran ?
     `passed (score ${answer.gate.score} <= ${answer.gate.limit})` : "off";
+  const population = answer.population || {};
+  $("population").textContent = population.inside === true ?
+    `inside (score ${population.score} <= ${population.limit})` :
+    population.inside === false ? `OUTSIDE (score ${population.score} > ${population.limit})` :
+    `not checked (${population.check || "absent"})`;
+  $("population-warning").hidden = population.inside !== false;
+  $("population-warning").textContent = population.inside === false ?
+    "Warning: this X-ray is unlike the ones the model was trained on; its answer is not reliable. " +
+    `The model is for: ${population.intended_population}. See ${population.model_card}.` : "";
   if (data.original_png) {
     $("original").src = "data:image/png;base64," + data.original_png;
     $("base").src = $("original").src;
@@ -69,7 +78,11 @@ async function predict(body, query) {
     return;
   }
   if (!response.ok) {
-    showError(`Could not classify this file (${response.status}): ${data.error || "unknown error"}`);
+    let message = `Could not classify this file (${response.status}): ${data.error || "unknown error"}`;
+    if (data.intended_population) {
+      message += `. The model is for: ${data.intended_population}. See ${data.model_card}.`;
+    }
+    showError(message);
     return;
   }
   showResult(data);

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# System packages that `make serve` / `make test` need, installed with apt (through sudo when not root).
+#
+#   scripts/system-deps.sh python PYTHON   # PYTHON >= 3.11 with a working venv module (python3-venv)
+#   scripts/system-deps.sh java            # Java >= 17 for TorchServe's frontend
+#   scripts/system-deps.sh browser         # Debian's chromium + chromium-driver for the demo page's test (optional)
+#
+# Each step does nothing when what it needs is already there, and says what to do when it cannot install.
+set -euo pipefail
+
+sudo_prefix() {
+    if [ "$(id -u)" = 0 ]; then echo ""; elif command -v sudo >/dev/null; then echo "sudo"; else return 1; fi
+}
+
+apt_install() {
+    local sudo
+    if ! command -v apt-get >/dev/null; then
+        echo "no apt-get here: install $* yourself (see README, Prerequisites)" >&2; return 1
+    fi
+    if ! sudo=$(sudo_prefix); then
+        echo "not root and no sudo: install $* yourself (see README, Prerequisites)" >&2; return 1
+    fi
+    echo "installing $* (apt-get${sudo:+ via sudo})"
+    $sudo dpkg --configure -a || true  # finish an install that was interrupted, or apt refuses to run
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+java_major() {  # 17 for 'openjdk version "17.0.15"', 1 for '"1.8.0_402"', nothing when there is no java
+    "${1:-java}" -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -n 1
+}
+
+case "${1:-}" in
+python)
+    python=${2:-python3}
+    command -v "$python" >/dev/null || { echo "$python not found: install Python >= 3.11 or pass PYTHON=..." >&2; exit 1; }
+    "$python" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' 2>/dev/null || {
+        echo "$python is $("$python" --version 2>&1); this project needs Python >= 3.11 (PYTHON=python3.11 make ...)" >&2
+        exit 1; }
+    if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+        minor=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        apt_install "python${minor}-venv" || apt_install python3-venv
+    fi
+    ;;
+java)
+    major=$(java_major || true)
+    if [ -n "${JAVA_HOME:-}" ] && [ -x "$JAVA_HOME/bin/java" ]; then major=$(java_major "$JAVA_HOME/bin/java" || true); fi
+    if [ "${major:-0}" -ge 17 ] 2>/dev/null; then exit 0; fi
+    for candidate in "${JVM_DIR:-/usr/lib/jvm}"/*/bin/java; do  # an older java first on the PATH, a newer one installed
+        if [ -x "$candidate" ] && [ "$(java_major "$candidate")" -ge 17 ] 2>/dev/null; then exit 0; fi
+    done
+    echo "TorchServe needs Java >= 17 (found: ${major:-none})"
+    apt_install openjdk-17-jre-headless
+    ;;
+browser)
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
+    apt_install chromium chromium-driver || echo "could not install chromium: the browser test will skip"
+    ;;
+*)
+    echo "usage: $0 python PYTHON | java | browser" >&2; exit 2
+    ;;
+esac

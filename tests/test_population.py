@@ -1,0 +1,190 @@
+"""The population check: its fused graph, its fitting, the three handler settings, export parity, the
+Kermany-copy finder and the shipped checks."""
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config, write_checkpoint
+from cxr.paths import EXAMPLE_XRAYS
+from cxr.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_score, resnet_forward
+from cxr.preprocessing import EvalPreset
+from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
+from tests.handler_support import FakeContext, encode, make_handler, run, synthetic_xray, write_tiny_checkpoint
+from training.fit_population import fit_gaussian, fit_logistic, flagged, tap_columns, with_limit
+from training.population_data import catalog
+
+REPO_MODELS = EXAMPLE_XRAYS.parent.parent.parent / "models"
+OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"
+
+
+def inside_and_outside_images() -> tuple[bytes, bytes]:
+    """Two X-ray-like images the tiny model's features tell apart (a synthetic film and its rolled copy)."""
+    gray = synthetic_xray()
+    return (encode(Image.fromarray(gray, mode="L"), "PNG"),
+            encode(Image.fromarray(np.clip(gray.astype(int) // 2 + 60, 0, 255).astype(np.uint8), mode="L"), "PNG"))
+
+
+def features_of(checkpoint: dict, images: list[bytes]) -> torch.Tensor:
+    preset = EvalPreset(preprocess_config(checkpoint))
+    with torch.no_grad():
+        return resnet_forward(model_from_checkpoint(checkpoint), torch.stack([preset.load(i) for i in images]))[1]
+
+
+@pytest.fixture(scope="module")
+def checked_dir(tmp_path_factory):
+    """A tiny checkpoint whose check puts the first image inside and the second outside: one feature, the one
+    that differs most between them, decides, and the limit lies half-way."""
+    folder = tmp_path_factory.mktemp("checked")
+    write_tiny_checkpoint(folder / "model.pt")
+    checkpoint = load_checkpoint(folder / "model.pt")
+    inside, outside = features_of(checkpoint, list(inside_and_outside_images()))
+    column = int((outside - inside).abs().argmax())
+    weights = torch.zeros(len(inside), 1)
+    weights[column, 0] = 4.0 / float(outside[column] - inside[column])
+    check = {"kind": "logistic", "taps": list(TAPS), "center": inside.clone(), "scale": torch.ones(len(inside)),
+             "weights": weights, "bias": torch.tensor([-2.0]), "limit": 0.5,
+             "intended_population": "synthetic test films", "model_card": "docs/model_cards/test.md"}
+    write_checkpoint(folder / "model.pt", {**checkpoint, CHECKPOINT_KEY: check})
+    return folder
+
+
+def test_fused_graph_gives_the_model_logits_and_the_fitting_formula(checked_dir):
+    checkpoint = load_checkpoint(checked_dir / "model.pt")
+    model, check = model_from_checkpoint(checkpoint), checkpoint[CHECKPOINT_KEY]
+    images = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        logits, scores = CheckedModel(model, check).eval()(images)
+        plain = model(images)
+        features = resnet_forward(model, images)[1]
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+    expected = population_score(features, check["center"], check["scale"], check["weights"], check["bias"],
+                                "logistic")
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+
+
+def test_fitting_separates_sources_and_the_limit_accepts_its_share_of_val(tmp_path):
+    model = model_from_checkpoint(load_checkpoint(write_tiny_checkpoint(tmp_path / "model.pt")))
+    columns = tap_columns(model, TAPS)
+    assert columns.sum() == 2 * (64 + 128 + 256 + 512)  # ResNet-18: mean and std of every stage's channels
+    rng = np.random.default_rng(0)
+    shift = np.zeros(len(columns))
+    shift[:200] = 0.6
+
+    def films(count, offset=0.0):
+        return rng.normal(size=(count, len(columns))) + offset * shift
+
+    own, own_val, other, other_test = films(1500), films(1000), films(800, 1.0), films(400, 1.0)
+    for check in (fit_logistic(own, other, columns, 0.1), fit_gaussian(own, columns, 16)):
+        check = with_limit(check, own_val)
+        assert flagged(check, own_val) == pytest.approx(0.01, abs=0.002), check["kind"]
+        assert flagged(check, films(1000)) <= 0.03, check["kind"]  # new own films: about 1%
+        assert flagged(check, other_test) >= 0.9, check["kind"]
+
+
+@pytest.mark.parametrize("setting", ["refuse", "warn", "off"])
+def test_the_three_settings(checked_dir, setting):
+    inside, outside = inside_and_outside_images()
+    handler = make_handler(checked_dir, population_check=setting)
+    answers, statuses = run(handler, [{"body": inside}, {"body": outside}])
+    assert statuses.get(0) is None and answers[0]["population"]["inside"] is (None if setting == "off" else True)
+    if setting == "refuse":
+        assert statuses[1][0] == 422
+        body = answers[1]
+        assert body["error"] == "outside the model's population" and body["code"] == 422
+        assert body["population"]["inside"] is False and body["population"]["score"] > body["population"]["limit"]
+        assert body["intended_population"] == "synthetic test films"
+        assert body["model_card"] == "docs/model_cards/test.md"
+    elif setting == "warn":
+        assert 1 not in statuses
+        assert answers[1]["population"]["inside"] is False
+        assert answers[1]["population"]["intended_population"] == "synthetic test films"
+        assert answers[1]["label"] in ("NORMAL", "PNEUMONIA")
+    else:
+        assert 1 not in statuses and answers[1]["population"] == {"inside": None, "check": "off"}
+
+
+def test_an_unknown_setting_fails_the_load_naming_it(checked_dir):
+    with pytest.raises(ValueError, match="population_check: 'maybe'"):
+        make_handler(checked_dir, population_check="maybe")
+
+
+def test_a_refusal_names_the_image_counts_its_reason_and_spares_the_batch(checked_dir):
+    inside, outside = inside_and_outside_images()
+    handler = make_handler(checked_dir)
+    context = FakeContext(".", "model.pt")
+    # TorchServe hands a JSON body to the handler decoded.
+    rows = [{"body": {"instances": [base64.b64encode(image).decode() for image in (inside, outside)]}},
+            {"body": inside}]
+    answers = handler.handle(rows, context)
+    assert context.statuses[0][0] == 422 and answers[0]["image"] == 1
+    assert 1 not in context.statuses and answers[1]["population"]["inside"] is True
+    assert ("counter", "CxrRejected", 1, {"Reason": "outside_population"}) in handler.context.metrics.calls
+
+
+def test_describe_says_whom_the_model_is_for(checked_dir):
+    handler = make_handler(checked_dir)
+    context = FakeContext(".", "model.pt")
+    context.headers[0] = {"describe": "True"}
+    [described] = handler.handle([{"body": b""}], context)
+    assert described["intended_population"] == "synthetic test films"
+    assert described["model_card"] == "docs/model_cards/test.md" and described["population_check"] == "refuse"
+
+
+def test_every_exported_file_carries_the_check(checked_dir, tmp_path):
+    """TorchScript and ONNX give the eager score within 1e-4 of the limit; int8 keeps both decisions."""
+    checkpoint = load_checkpoint(checked_dir / "model.pt")
+    network = CheckedModel(model_from_checkpoint(checkpoint), checkpoint[CHECKPOINT_KEY]).eval()
+    config = serving_config(checkpoint)
+    export_torchscript(network, config, tmp_path / "model.ts")
+    export_onnx(network, config, tmp_path / "model.onnx")
+    preset = EvalPreset(preprocess_config(checkpoint))
+    calibration = np.stack([preset(Image.fromarray(np.roll(synthetic_xray(), shift, axis=1), mode="L")).numpy()
+                            for shift in range(0, 160, 10)])
+    quantize_onnx_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", calibration)
+    rows = [{"body": image} for image in inside_and_outside_images()]
+    eager, _ = run(make_handler(checked_dir, population_check="warn"), rows)
+    for name in ("model.ts", "model.onnx", "model.int8.onnx"):
+        answers, statuses = run(make_handler(tmp_path, name, population_check="warn"), rows)
+        assert statuses == {}, name
+        for answer, reference in zip(answers, eager, strict=True):
+            assert answer["population"]["inside"] == reference["population"]["inside"], name
+            if name != "model.int8.onnx":
+                assert answer["population"]["score"] == pytest.approx(reference["population"]["score"], abs=1e-4)
+
+
+def test_the_kermany_copy_finder(tmp_path):
+    """A CRD Normal film that is a Kermany NORMAL film squashed to 224x224 is own population, not a negative."""
+    gray = synthetic_xray(400, 300)
+    for folder, name, image in [("pneumonia/train/NORMAL", "IM-1.jpeg", Image.fromarray(gray, mode="L")),
+                                ("pneumonia/train/PNEUMONIA", "p.jpeg", Image.fromarray(gray[:, ::-1], mode="L")),
+                                ("multiclass/train/NORMAL", "copy.jpg",
+                                 Image.fromarray(gray, mode="L").resize((224, 224))),
+                                ("multiclass/train/NORMAL", "adult.jpg",
+                                 Image.fromarray(np.roll(gray, 90, axis=0).T.copy(), mode="L").resize((224, 224)))]:
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / folder / name, quality=90)
+    sources = {film.path.name: film.source for film in catalog(tmp_path)}
+    assert sources == {"IM-1.jpeg": "kermany", "p.jpeg": "kermany", "copy.jpg": "kermany_in_crd",
+                       "adult.jpg": "crd_normal"}
+
+
+@pytest.mark.parametrize("name", ["pneumonia", "cxr4"])
+def test_the_shipped_models_carry_a_check(name):
+    checkpoint = load_checkpoint(REPO_MODELS / name / "model.pt")
+    check = checkpoint[CHECKPOINT_KEY]
+    assert check["kind"] in ("logistic", "gaussian") and check["limit"] > 0
+    assert check["model_card"] == f"docs/model_cards/{name}.md" and check["intended_population"]
+
+
+def test_the_pneumonia_check_accepts_the_example_xrays_and_flags_other_sources():
+    handler = make_handler(REPO_MODELS / "pneumonia", population_check="warn")
+    examples = sorted(EXAMPLE_XRAYS.glob("*/*.jp*g"))
+    others = sorted(OTHER_SOURCES.glob("*.jp*g"))
+    assert len(examples) == 20 and others
+    answers, _ = run(handler, [{"body": path.read_bytes()} for path in examples + others])
+    assert [a["population"]["inside"] for a in answers[:len(examples)]] == [True] * len(examples)
+    assert [a["population"]["inside"] for a in answers[len(examples):]] == [False] * len(others)

@@ -1,0 +1,93 @@
+"""The population check's report: flagged share per source and split, what the model says of the films it lets
+through, the candidates compared, leave-one-source-out figures and a score histogram (Markdown, JSON, PNG)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr.report import figure, table
+from training.population_data import Film
+
+SOURCE_NAMES = {
+    "kermany": "Kermany pediatric (pneumonia/)",
+    "kermany_in_crd": "Kermany normals inside the CRD Normal class",
+    "samples": "samples/ (Kermany test originals)",
+    "crd_normal": "CRD Normal, adult (Kermany copies set aside)",
+    "crd_covid": "CRD COVID-19",
+    "tbx11k": "TBX11K tuberculosis",
+}
+SOURCE_ORDER = tuple(SOURCE_NAMES)
+
+
+def percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.1f}%"  # NaN: no films
+
+
+def groups(films: list[Film]) -> list[tuple[str, str, str, np.ndarray]]:
+    """(source, split, label or "", mask) per source and split, and per label where a source has several."""
+    found = []
+    for source in SOURCE_ORDER:
+        for split in ("train", "val", "test"):
+            mask = np.asarray([f.source == source and f.split == split for f in films])
+            if mask.any():
+                found.append((source, split, "", mask))
+                labels = sorted({f.label for f, m in zip(films, mask, strict=True) if m})
+                for label in labels if len(labels) > 1 else []:
+                    found.append((source, split, label, mask & np.asarray([f.label == label for f in films])))
+    return found
+
+
+def write_report(name: str, films: list[Film], scores: np.ndarray, limit: float, said: list[str],
+                 rows: dict[str, dict[str, Any]], chosen: str, is_own: Callable[[Film], bool],
+                 report_dir: str | Path) -> dict[str, Any]:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    outside = scores > limit
+    table_rows, by_group = [], {}
+    for source, split, label, mask in groups(films):
+        kept = Counter(s for s, m, o in zip(said, mask, outside, strict=True) if m and not o)
+        own = "own" if is_own(films[int(np.argmax(mask))]) else "other"
+        key = f"{source}/{split}" + (f"/{label}" if label else "")
+        by_group[key] = {"films": int(mask.sum()), "flagged": float(outside[mask].mean()), "population": own,
+                         "not_flagged_said": dict(kept)}
+        table_rows.append([SOURCE_NAMES[source] + (f", {label}" if label else ""), split, own, int(mask.sum()),
+                           percent(outside[mask].mean()), ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))])
+    methods = [[name_ + (" **(shipped)**" if name_ == chosen else ""), percent(row["own_val"]),
+                *[f"{percent(v['train+val'])} / {percent(v['test'])}" for v in row["loso"].values()]]
+               for name_, row in rows.items()]
+    loso_sources = list(next(iter(rows.values()))["loso"])
+    summary = {"method": chosen, "limit": limit, "groups": by_group, "loso": rows[chosen]["loso"],
+               "own_val_flagged": rows[chosen]["own_val"]}
+    lines = [f"# Population check of `{name}`", "",
+             f"Written by `python -m training.fit_population` ({chosen}; limit {limit:.4f}, which accepts 99% of "
+             "the model's own validation films). Flagged = score above the limit (refused with 422 by default).",
+             "", "## Per source and split", "",
+             *table(["source", "split", "population", "films", "flagged", "the model says of the films not flagged"],
+                    table_rows),
+             "", "## Candidates (own val flagged; leave-one-source-out: flagged train+val / test of the source "
+             "left out of fitting)", "",
+             *table(["candidate", "own val", *loso_sources], methods),
+             "", "The shipped candidate is chosen on train/val figures only: the highest mean leave-one-source-out "
+             "share among those flagging at most 1.5% of the own validation films.", "",
+             f"![scores](population_{name}.png)", ""]
+    (report_dir / f"{name}.md").write_text("\n".join(lines))
+    (report_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with figure(report_dir / f"population_{name}.png", figsize=(7, 3.6)) as axes:
+        high = float(np.quantile(scores, 0.995))
+        bins = np.linspace(float(scores.min()), max(high, limit * 1.5), 60)
+        for source in SOURCE_ORDER:
+            mask = np.asarray([f.source == source and f.split == "test" for f in films])
+            if mask.any():
+                axes.hist(np.clip(scores[mask], None, bins[-1]), bins=bins, histtype="step", density=True,
+                          label=f"{SOURCE_NAMES[source]} test")
+        axes.axvline(limit, color="black", linestyle="--", label="limit")
+        axes.set_xlabel("population score (higher: further from the training population)")
+        axes.set_ylabel("density")
+        axes.legend(fontsize=6)
+    return {"summary": summary, "markdown": "\n".join(lines)}
