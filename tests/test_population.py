@@ -71,15 +71,16 @@ def test_fitting_separates_sources_and_the_limit_accepts_its_share_of_val(tmp_pa
     columns = tap_columns(model, TAPS)
     assert columns.sum() == 2 * (64 + 128 + 256 + 512)  # ResNet-18: mean and std of every stage's channels
     rng = np.random.default_rng(0)
-    shift = np.zeros(len(columns))
-    shift[:200] = 0.6
+    mixing = rng.normal(size=(16, len(columns)))  # feature statistics vary along a few directions
 
     def films(count, offset=0.0):
-        return rng.normal(size=(count, len(columns))) + offset * shift
+        latent = rng.normal(size=(count, 16))
+        latent[:, :4] += offset  # another source: elsewhere along some of those directions
+        return latent @ mixing + 0.3 * rng.normal(size=(count, len(columns)))
 
-    own, own_val, other, other_test = films(1500), films(1000), films(800, 1.0), films(400, 1.0)
+    own, own_val, other, other_test = films(1500), films(1000), films(800, 4.0), films(400, 4.0)
     for check in (fit_logistic(own, other, columns, 0.1), fit_gaussian(own, columns, 16)):
-        check = with_limit(check, own_val)
+        check = with_limit(check, [own_val])
         assert flagged(check, own_val) == pytest.approx(0.01, abs=0.002), check["kind"]
         assert flagged(check, films(1000)) <= 0.03, check["kind"]  # new own films: about 1%
         assert flagged(check, other_test) >= 0.9, check["kind"]
