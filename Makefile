@@ -29,7 +29,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java browser serve stop test test-fast lint train train-candidates evaluate compare ship \
-	export archive calibrate gate loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
+	export archive calibrate gate population loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -71,6 +71,12 @@ runs/export-%/model.onnx: models/%/model.pt | $(STAMP)
 
 model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
 	$(PY) -m export.archive --export-dir runs/export-$* --model-store model_store --name $* --version 1.0
+
+# The population check (docs/trust.md): fitted on the frozen model's feature statistics against the other
+# sources' training films, written into runs/population-$(NAME)/model.pt (copy it over $(CHECKPOINT) to ship it).
+population: setup
+	$(PY) -m training.fit_population --checkpoint $(CHECKPOINT) --name $(NAME) \
+		--output runs/population-$(NAME)/model.pt --report-dir $(REPORTS)/population
 
 # Export any checkpoint (TorchScript / ONNX / int8, each checked against eager); THRESHOLD=0.5 embeds another
 # operating point in every exported file without touching the checkpoint.

@@ -83,11 +83,13 @@ class BenchConfig:
 
 def build_config_archive(export_dir: Path, store: Path, staged: Path, config: BenchConfig,
                          handler: dict[str, Any] | None = None) -> str:
-    """An archive of `config.variant` whose model-config.yaml carries this batching/worker configuration."""
+    """An archive of `config.variant` whose model-config.yaml carries this batching/worker configuration. The
+    population check runs with `warn` (same cost as `refuse`) so every sample X-ray is answered with a 200."""
     settings = yaml.safe_load(DEFAULT_MODEL_CONFIG.read_text())
     settings.update(batchSize=config.batch_size, maxBatchDelay=config.delay_ms, minWorkers=config.workers,
                     maxWorkers=config.workers)
-    settings["handler"] = {**settings.get("handler", {}), **(handler or {}), "threads": config.threads}
+    settings["handler"] = {**settings.get("handler", {}), "population_check": "warn", **(handler or {}),
+                           "threads": config.threads}
     config_file = staged.parent / f"{config.name}.yaml"
     config_file.write_text(yaml.safe_dump(settings))
     archive_cli.build_archive(export_dir / VARIANTS[config.variant].file_name, config.name, "1.0", store, staged,

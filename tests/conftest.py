@@ -66,10 +66,18 @@ def real_samples() -> list[Path]:
     return paths
 
 
+# The one sample X-ray that the shipped pneumonia model's population check flags (a larger, older-looking chest
+# than the 1-5 year-olds of its training set: docs/model_cards/pneumonia.md); tests/test_population.py keeps
+# this list true.
+OUTSIDE_POPULATION_SAMPLES = ("IM-0045-0001.jpeg",)
+
+
 @pytest.fixture(scope="session")
 def sample_paths() -> list[Path]:
-    """Real chest X-rays to send: the 40 samples when the data root is there, else the 20 example X-rays."""
-    return image_paths(DATA / "samples") or image_paths(EXAMPLE_XRAYS)
+    """Real chest X-rays to send, all inside the shipped models' populations: the samples when the data root
+    is there (less OUTSIDE_POPULATION_SAMPLES), else the 20 example X-rays."""
+    return [path for path in image_paths(DATA / "samples") if path.name not in OUTSIDE_POPULATION_SAMPLES] \
+        or image_paths(EXAMPLE_XRAYS)
 
 
 # A real TorchServe shared by every integration test module (started once per session, stopped at its end).

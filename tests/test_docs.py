@@ -104,3 +104,22 @@ def test_licence_and_notice():
     notice = (REPO / "NOTICE").read_text()
     for source in ("Kermany", "CC BY 4.0", "COVID-19 Radiography Database", "no licence", "TBX11K"):
         assert source in notice, source
+
+
+@pytest.mark.parametrize("name", ["pneumonia", "cxr4"])
+def test_model_cards_follow_their_checkpoints(name):
+    """Each card names its checkpoint's sha256, its check's limit and intended population, in Mitchell et
+    al.'s sections; the fit report it links is there."""
+    import hashlib
+
+    path = REPO / "models" / name / "model.pt"
+    card = (REPO / "docs" / "model_cards" / f"{name}.md").read_text()
+    check = load_checkpoint(path)["population_check"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in card
+    assert f"{check['limit']:.4f}" in card and check["model_card"] == f"docs/model_cards/{name}.md"
+    assert check["intended_population"] in " ".join(card.split())
+    for section in ("Model details", "Intended use", "Population and data", "Metrics",
+                    "Cross-source evaluation and the population check", "Calibration", "Known failure modes",
+                    "Caveats"):
+        assert f"## {section}" in card, section
+    assert (REPO / "docs" / "population" / f"{name}.md").is_file()

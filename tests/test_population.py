@@ -181,6 +181,17 @@ def test_the_shipped_models_carry_a_check(name):
     assert check["model_card"] == f"docs/model_cards/{name}.md" and check["intended_population"]
 
 
+def test_the_pneumonia_check_flags_exactly_the_listed_samples(real_samples):
+    """The goal is that it flags none of the 40 samples; it flags one (docs/model_cards/pneumonia.md)."""
+    from tests.conftest import OUTSIDE_POPULATION_SAMPLES
+
+    handler = make_handler(REPO_MODELS / "pneumonia", population_check="warn")
+    answers, _ = run(handler, [{"body": path.read_bytes()} for path in real_samples])
+    flagged = [path.name for path, answer in zip(real_samples, answers, strict=True)
+               if answer["population"]["inside"] is False]
+    assert tuple(flagged) == OUTSIDE_POPULATION_SAMPLES
+
+
 def test_the_pneumonia_check_accepts_the_example_xrays_and_flags_other_sources():
     handler = make_handler(REPO_MODELS / "pneumonia", population_check="warn")
     examples = sorted(EXAMPLE_XRAYS.glob("*/*.jp*g"))

@@ -20,6 +20,7 @@ from cxr.client import Client as CxrClient
 from cxr.client import PredictionError
 from tests.conftest import SHIPPED_MODEL
 from tests.handler_support import assert_same_answer
+from tests.test_population import OTHER_SOURCES
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +39,11 @@ def test_every_sample_xray_gets_an_answer(served, sample_paths):
     for path in sample_paths:
         status, answer = served.predict(path.read_bytes())
         assert status == 200, (path, answer)
-        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
+        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate", "population"}
         assert answer["model"] == "pneumonia" and answer["version"] == "1.0"
         assert answer["gate"]["ran"] and answer["gate"]["score"] <= answer["gate"]["limit"]
+        if SHIPPED_MODEL.is_file():
+            assert answer["population"]["inside"] is True and answer["population"]["check"] == "logistic"
         assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         correct += answer["label"] == path.parent.name
     if SHIPPED_MODEL.is_file():
@@ -56,13 +59,31 @@ def test_cxr4_answers_beside_pneumonia_with_four_probabilities(served, sample_pa
     for path in sample_paths[::4]:
         status, answer = served.predict(path.read_bytes(), model="cxr4")
         assert status == 200, answer
-        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate"}
+        assert set(answer) == {"model", "version", "label", "probabilities", "threshold", "gate", "population"}
         assert answer["model"] == "cxr4" and answer["threshold"] is None
         assert set(answer["probabilities"]) == {"NORMAL", "PNEUMONIA", "TUBERCULOSIS", "COVID19"}
         assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
         labels[answer["label"]] += 1
         assert served.predict(path.read_bytes())[1]["model"] == "pneumonia"  # the other model, same server
     assert labels["PNEUMONIA"] > 0
+
+
+def test_an_other_source_xray_is_refused_beside_a_kermany_one(served, sample_paths):
+    """A TBX11K film (adult, another source) and a Kermany film sent together: 422 naming the population for
+    the first, 200 for the second."""
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip("the tiny test model has no population check")
+    other = sorted(OTHER_SOURCES.glob("*.jpg"))
+    jobs = [other[0].read_bytes(), sample_paths[0].read_bytes(), other[1].read_bytes()]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        (s0, a0), (s1, a1), (s2, a2) = pool.map(served.predict, jobs)
+    for status, body in ((s0, a0), (s2, a2)):
+        assert status == 422, body
+        assert body["error"] == "outside the model's population" and body["population"]["inside"] is False
+        assert "children" in body["intended_population"] and body["model_card"] == "docs/model_cards/pneumonia.md"
+    assert s1 == 200 and a1["population"]["inside"] is True
+    status, body = served.predict(other[0].read_bytes(), model="pneumonia_eager")  # every backend checks
+    assert status == 422 and body["error"] == "outside the model's population"
 
 
 def test_onnx_and_eager_archives_agree(served, sample_paths):
@@ -257,6 +278,10 @@ def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
 def test_cli_models_and_installed_entry_point(served, capsys):
     code, listed = run_cli(served, capsys, "models")
     assert code == 0 and {"pneumonia", "pneumonia_eager"} <= {entry["model"] for entry in listed}
+    if SHIPPED_MODEL.is_file():
+        [pneumonia] = [entry for entry in listed if entry["model"] == "pneumonia"]
+        assert "children" in pneumonia["intended_population"]
+        assert pneumonia["model_card"] == "docs/model_cards/pneumonia.md"
     installed = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--help"], capture_output=True, text=True)
     assert installed.returncode == 0 and "predict" in installed.stdout
     missing_key = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--key-file", "/nonexistent", "models"],
@@ -333,3 +358,8 @@ def test_customized_describe_gives_the_model_config(served):
     status, body = served.request("/models/pneumonia?customized=true", key="management", api="management")
     assert status == 200, body
     assert "class_names" in json.dumps(body) and "PNEUMONIA" in json.dumps(body), body
+    if SHIPPED_MODEL.is_file():
+        custom = body[0]["customizedMetadata"]  # TorchServe 0.12 gives the handler's dict as it is
+        custom = json.loads(custom) if isinstance(custom, str) else custom
+        assert custom["population_check"] == "refuse" and "children" in custom["intended_population"]
+        assert custom["model_card"] == "docs/model_cards/pneumonia.md"
