@@ -23,6 +23,7 @@ COPY export/ export/
 COPY models/ models/
 COPY tests/fixtures/xrays/ tests/fixtures/xrays/
 COPY docker/config.properties /home/model-server/config.properties
+COPY log4j2.xml /home/model-server/log4j2.xml
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
     && python -m cxr.grpc_stubs
 
@@ -31,7 +32,7 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
 RUN mkdir -p /home/model-server/model-store \
     && for name in pneumonia cxr4; do \
          python -m export --checkpoint "models/$name/model.pt" --data /nonexistent --output-dir "/tmp/export-$name" \
-             --formats torchscript onnx --repeats 1 \
+             --formats ts onnx --repeats 1 \
          && python -m export.archive --export-dir "/tmp/export-$name" --model-store /home/model-server/model-store \
              --name "$name" --variants eager ts onnx --default onnx --version 1.0 || exit 1; \
        done \
@@ -47,5 +48,6 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "-m", "cxr.healthcheck", "--key-file", "/home/model-server/key_file.json"]
 
 CMD ["torchserve", "--start", "--foreground", "--ts-config", "/home/model-server/config.properties", \
+     "--log-config", "/home/model-server/log4j2.xml", \
      "--model-store", "/home/model-server/model-store", \
      "--models", "pneumonia=pneumonia.mar", "cxr4=cxr4.mar", "pneumonia_eager=pneumonia_eager.mar"]

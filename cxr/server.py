@@ -26,6 +26,8 @@ from pathlib import Path
 from cxr.commands import command_parser
 
 REPO = Path(__file__).resolve().parent.parent
+LOG_CONFIG = REPO / "log4j2.xml"  # INFO, no per-request lines, every file rolled at 10 MB
+LOG_BYTES = 10 * 1024 * 1024
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070,
                  "grpc_management": 7071}
 
@@ -116,6 +118,9 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
     """Start TorchServe and wait until every model answers /ping-and-describe as ready."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # TorchServe writes its keys into the working folder before it makes the file 0600: a folder only its owner
+    # may enter keeps them private from the first byte.
+    workdir.chmod(0o700)
     (workdir / "key_file.json").unlink(missing_ok=True)
     config = write_config(workdir / "config.properties", model_store, ports, overrides)
     torchserve = Path(sys.executable).with_name("torchserve")
@@ -127,9 +132,13 @@ def start(workdir: Path, models: dict[str, str], *, model_store: Path = REPO / "
     environment["PATH"] = f"{torchserve.parent}{os.pathsep}{environment.get('PATH', '')}"
     environment = with_java(environment)
     command = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config),
+               "--log-config", str(LOG_CONFIG),
                "--model-store", str(model_store.resolve()),
                *(["--models", *[f"{name}={archive}" for name, archive in models.items()]] if models else [])]
-    with open(workdir / "torchserve.out", "ab") as output:
+    captured = workdir / "torchserve.out"  # the launcher's stdout: errors only (log4j2.xml), kept to 2 x 10 MB
+    if captured.is_file() and captured.stat().st_size > LOG_BYTES:
+        captured.replace(captured.with_name("torchserve.out.1"))
+    with open(captured, "ab") as output:
         process = subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT, env=environment,
                                    start_new_session=True)
     (workdir / "torchserve.pid").write_text(str(process.pid))

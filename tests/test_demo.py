@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.client import Client
+from cxr.client import Client, PredictionError
 from cxr.demo import Demo, make_server
 from cxr.server import free_ports
 from tests.conftest import REPO
@@ -160,3 +160,47 @@ def test_phone_width_has_no_horizontal_scroll(browser, page, sample_paths):
         assert overflowing == []
     finally:
         browser.set_window_size(1200, 1100)
+
+
+def test_an_xray_outside_the_population_is_refused_plainly(browser, page):
+    from tests.conftest import SHIPPED_MODEL
+    from tests.test_population import OTHER_SOURCES
+
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip("the tiny test model has no population check")
+    browser.get(page)
+    upload(browser, sorted(OTHER_SOURCES.glob("*.jpg"))[0])
+    error = wait_for(browser, "error").text
+    assert "422" in error and "outside the model's population" in error and "children aged 1-5" in error
+    assert "docs/model_cards/pneumonia.md" in error
+    browser.save_screenshot(str(SCREENSHOTS / "demo_outside_population.png"))
+
+
+class WarningClient:
+    """Answers like a server set to `population_check: warn` for an X-ray outside the population."""
+
+    def predict(self, data, model):
+        return {"model": model, "version": "1.0", "label": "PNEUMONIA",
+                "probabilities": {"NORMAL": 0.1, "PNEUMONIA": 0.9}, "threshold": 0.69,
+                "gate": {"ran": True, "score": 0.1, "limit": 0.84},
+                "population": {"inside": False, "score": 0.99, "limit": 0.83, "check": "logistic",
+                               "intended_population": "children aged 1-5", "model_card": "docs/model_cards/x.md"}}
+
+    def explain(self, data, model):
+        raise PredictionError(501, "does not explain")
+
+
+def test_a_warned_answer_carries_a_red_warning(browser, sample_paths):
+    from selenium.webdriver.common.by import By
+
+    url, server = start_page(Demo(WarningClient(), ["pneumonia"], sample_paths[0].parent.parent))
+    try:
+        browser.get(url)
+        upload(browser, sample_paths[0])
+        warning = wait_for(browser, "population-warning").text
+        assert "unlike the ones the model was trained on" in warning and "children aged 1-5" in warning
+        assert browser.find_element(By.ID, "population").text.startswith("OUTSIDE")
+        assert browser.find_element(By.ID, "label").text == "PNEUMONIA"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -363,3 +363,35 @@ def test_customized_describe_gives_the_model_config(served):
         custom = json.loads(custom) if isinstance(custom, str) else custom
         assert custom["population_check"] == "refuse" and "children" in custom["intended_population"]
         assert custom["model_card"] == "docs/model_cards/pneumonia.md"
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_cli_prints_a_population_refusal(served, capsys, protocol):
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip("the tiny test model has no population check")
+    other = sorted(OTHER_SOURCES.glob("*.jpg"))[0]
+    code = cli.main(["--key-file", str(served.workdir / "key_file.json"), "--port", str(served.ports["inference"]),
+                     "--grpc-port", str(served.ports["grpc_inference"]), "predict", "--protocol", protocol,
+                     str(other)])
+    output = capsys.readouterr()
+    [answer] = [json.loads(line) for line in output.out.splitlines()]
+    assert code == 1 and answer["code"] == 422 and answer["error"] == "outside the model's population"
+    assert answer["population"]["inside"] is False and "children" in answer["intended_population"]
+    assert "outside the model's population" in output.err and "docs/model_cards/pneumonia.md" in output.err
+
+
+def test_keys_are_private_and_logs_stay_small(served, sample_paths):
+    """The key folder is 0700 from before TorchServe starts; an answered request adds < 1 KB of logs (TorchServe's
+    own defaults: ~3.7 KB, DEBUG and an unrotated stdout)."""
+    assert served.workdir.stat().st_mode & 0o077 == 0
+    files = [*(served.workdir / "logs").glob("*.log"), served.workdir / "torchserve.out"]
+
+    def logged() -> int:
+        return sum(path.stat().st_size for path in files if path.is_file())
+
+    before = logged()
+    for path in sample_paths[:10] * 4:
+        assert served.predict(path.read_bytes())[0] == 200
+    time.sleep(1)  # log4j2 writes asynchronously to the rolling files
+    per_request = (logged() - before) / 40
+    assert per_request < 1024, f"{per_request:.0f} bytes of logs per answered request"
