@@ -7,6 +7,11 @@ A small standard-library HTTP server on 127.0.0.1 that serves plain HTML/CSS/JS 
 step) and talks to TorchServe server-side with the inference key, so no token ever reaches the browser.
 POST /api/predict (image bytes, or ?sample=FOLDER/NAME) asks `/predictions/<model>` for the answer and
 `/explanations/<model>_eager` for the Grad-CAM overlay, and returns both with a PNG of the image as decoded.
+
+It holds TorchServe's inference key (never the management key), so it answers only requests that are plainly
+its own page's: a loopback `Host` naming its port (a DNS-rebinding page is refused), no cross-site `Origin` or
+`Sec-Fetch-Site` on a POST, a valid `Content-Length` (413 without reading an oversized body), socket timeouts
+and at most MAX_CONNECTIONS connections at once (idle ones time out).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,13 +35,17 @@ from urllib.parse import parse_qs, urlparse
 
 from cxr.client import Client, PredictionError
 from cxr.commands import command_parser
+from cxr.inputs import RequestError, decode_image
 from cxr.paths import samples_dir
-from cxr.preprocessing import InvalidImageError, load_image
+from cxr.preprocessing import load_image
 from cxr.server import read_key_file
 
 STATIC = Path(__file__).resolve().parent / "demo_static"
 REPO = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 16 * 1024 * 1024
+MAX_CONNECTIONS = 256  # connection threads at once; past it a new connection is closed at once
+SOCKET_TIMEOUT = 10.0  # seconds a connection may stay silent (slowloris)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'",
@@ -44,10 +54,11 @@ SECURITY_HEADERS = {
 
 
 def preview_png(data: bytes, size: int = 512) -> str | None:
-    """Base64 PNG of the image as we decode it (DICOM included), at most `size` px; None if it does not decode."""
+    """Base64 PNG of the image as the handler decodes it (cxr.inputs.decode_image, DICOM included), at most
+    `size` px; None if it does not decode."""
     try:
-        image = load_image(data)
-    except InvalidImageError:
+        image = decode_image(data, load_image, MAX_UPLOAD)
+    except RequestError:
         return None
     image.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -93,8 +104,23 @@ class Demo:
 
 class Handler(BaseHTTPRequestHandler):
     demo: Demo  # set on the class by make_server
+    port: int  # likewise: the port the page is served on, the only one a Host header may name
     server_version = "cxr-demo"
     sys_version = ""
+    timeout = SOCKET_TIMEOUT
+
+    def _refusal(self, post: bool) -> tuple[int, str] | None:
+        """Why this request is not from our own page, or None."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in {f"{name}:{self.port}" for name in LOOPBACK_HOSTS}:
+            return 421, f"unexpected Host {host!r}: open the page as http://127.0.0.1:{self.port}/"
+        if post:
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.lower() != f"http://{host}":
+                return 403, "cross-site request refused"
+            if self.headers.get("Sec-Fetch-Site", "same-origin").lower() not in ("same-origin", "none"):
+                return 403, "cross-site request refused"
+        return None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         pass
@@ -113,6 +139,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), "application/json")
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        refused = self._refusal(post=False)
+        if refused:
+            return self._json(refused[0], {"error": refused[1]})
         url = urlparse(self.path)
         if url.path in ("/", "/index.html"):
             return self._send(200, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
@@ -132,15 +161,26 @@ class Handler(BaseHTTPRequestHandler):
         return self._json(404, {"error": "not found"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self.close_connection = True  # a refused body is never read: the connection cannot be reused
+        refused = self._refusal(post=True)
+        if refused:
+            return self._json(refused[0], {"error": refused[1]})
         url = urlparse(self.path)
         if url.path != "/api/predict":
             return self._json(404, {"error": "not found"})
         query = parse_qs(url.query)
         model = query.get("model", [self.demo.models[0]])[0]
-        length = int(self.headers.get("Content-Length") or 0)
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            return self._json(411, {"error": "Content-Length is required"})
+        if not declared.strip().isdigit():
+            return self._json(400, {"error": f"bad Content-Length {declared!r}"})
+        length = int(declared)
         if length > MAX_UPLOAD:
             return self._json(413, {"error": f"file of {length} bytes is over the {MAX_UPLOAD} byte limit"})
         data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            return self._json(400, {"error": f"the body ended after {len(data)} of {length} bytes"})
         if "sample" in query:
             data = self.demo.sample_bytes(query["sample"][0]) or b""
             if not data:
@@ -151,16 +191,39 @@ class Handler(BaseHTTPRequestHandler):
         return self._json(status, payload)
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them: past that a new connection is closed at once
+    rather than queued behind idle ones."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 stalls bursts of connections)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(port: int, demo: Demo) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"demo": demo})
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
+    server = BoundedServer(("127.0.0.1", port), Handler)
+    server.RequestHandlerClass = type("BoundHandler", (Handler,), {"demo": demo, "port": server.server_port})
     return server
 
 
 def _serve(args: argparse.Namespace) -> None:
-    client = Client(read_key_file(args.key_file),
-                    ports={"inference": args.inference_port}, timeout=60, retries=1)
+    inference_key = read_key_file(args.key_file)["inference"]  # the management key is never loaded here
+    client = Client({"inference": inference_key}, ports={"inference": args.inference_port}, timeout=60, retries=1)
     samples = Path(args.samples) if args.samples else None
     server = make_server(args.port, Demo(client, args.models, samples))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `stop`: leave serve_forever, close the socket

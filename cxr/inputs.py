@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from cxr.preprocessing import InvalidImageError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
@@ -29,6 +34,27 @@ class RequestError(Exception):
         # A short label for the rejection metric (a bounded set, unlike the message).
         self.reason = reason or {413: "too_large", 415: "unsupported_type", 422: "wrong_shape"}.get(
             status, "bad_request")
+
+
+def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Image], max_bytes: int,
+                 prefix: str = "") -> Image.Image:
+    """The one way request bytes become an image, for the handler and the demo page alike (so a file cannot be
+    previewed as one image and classified as another): the size limit, Pillow's header probe first (accepted
+    formats only), then `decode` (which also reads DICOM and names what is not an image). Raises RequestError."""
+    if len(data) > max_bytes:
+        raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        opened = Image.open(io.BytesIO(data))  # reads the header only; decoded once, by `decode`
+    except Exception:  # noqa: BLE001 - not a format Pillow knows (DICOM, junk): `decode` gives the reason
+        opened = None
+    if opened is not None and opened.format not in ACCEPTED_FORMATS:
+        raise RequestError(415, f"{prefix}unsupported image type {opened.format}; send one of "
+                                f"{', '.join(ACCEPTED_FORMATS)}")
+    try:
+        return decode(opened if opened is not None else data)
+    except InvalidImageError as error:
+        reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
+        raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error
 
 
 def _decode_base64(text: str) -> bytes:

@@ -16,7 +16,6 @@ TorchServe instantiates once per worker.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -24,15 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 from cxr.backends import TorchBackend, load_backend
 from cxr.explain import CAM_LAYERS, grad_cam, model_view, overlay_png
 from cxr.gate import GATE_FILE, OodGate
-from cxr.inputs import ACCEPTED_FORMATS, PreparedBatch, RequestError, extract_images
+from cxr.inputs import PreparedBatch, RequestError, decode_image, extract_images
 from cxr.population import MODES, verdict
-from cxr.preprocessing import EvalPreset, InvalidImageError
+from cxr.preprocessing import EvalPreset
 
 log = logging.getLogger(__name__)
 
@@ -140,21 +138,7 @@ class XrayHandler(BaseHandler):
             return RequestError(400, f"could not read the request: {error}")
 
     def _prepare_image(self, data: bytes, prefix: str) -> torch.Tensor:
-        limit = self.settings["max_image_bytes"]
-        if len(data) > limit:
-            raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {limit} bytes")
-        try:
-            opened = Image.open(io.BytesIO(data))  # reads the header only; decoded once, by load_image
-        except Exception:  # noqa: BLE001 - not a format Pillow knows (DICOM, junk): load_image gives the reason
-            opened = None
-        if opened is not None and opened.format not in ACCEPTED_FORMATS:
-            raise RequestError(415, f"{prefix}unsupported image type {opened.format}; send one of "
-                                    f"{', '.join(ACCEPTED_FORMATS)}")
-        try:
-            image = self.preset.decode(opened if opened is not None else data)
-        except InvalidImageError as error:
-            reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
-            raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error
+        image = decode_image(data, self.preset.decode, self.settings["max_image_bytes"], prefix)
         width, height = image.size
         if min(width, height) < self.settings["min_side"]:
             raise RequestError(422, f"{prefix}image is {width}x{height} pixels; a chest X-ray needs at least "
