@@ -2,6 +2,29 @@
 # One image for CPU and GPU hosts: the pinned torch wheels are CUDA builds that also run on CPU, and
 # TorchServe uses the GPUs the container runtime exposes (docker compose -f docker-compose.yml -f docker-compose.gpu.yml).
 #   docker build -t cxr-serve:latest .
+FROM python:3.11-slim-bookworm AS build
+
+# Build stage: everything `make archive` needs, to build the archives exactly as it does. The data set is not in
+# the image, so the exports are checked on the example X-rays and int8 (which needs training images) is left out.
+WORKDIR /build
+COPY requirements.txt pyproject.toml README.md ./
+RUN pip install --no-cache-dir -r requirements.txt
+COPY cxr/ cxr/
+COPY handlers/ handlers/
+COPY export/ export/
+COPY models/ models/
+COPY tests/fixtures/xrays/ tests/fixtures/xrays/
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+    && mkdir -p /model-store \
+    && for name in pneumonia cxr4; do \
+         python -m export --checkpoint "models/$name/model.pt" --data /nonexistent --output-dir "/tmp/export-$name" \
+             --formats ts onnx --repeats 1 \
+         && python -m export.archive --export-dir "/tmp/export-$name" --model-store /model-store \
+             --name "$name" --variants eager ts onnx --default onnx --version 1.0 || exit 1; \
+       done
+
+# Runtime stage: Java, TorchServe and the handler's imports only (requirements-runtime.txt), the archives from
+# the build stage, a read-only root file system in compose and Kubernetes (writable: run/, logs/, /tmp).
 FROM python:3.11-slim-bookworm
 
 # Java 17 for TorchServe's frontend. Not pinned to a Debian revision: bookworm replaces it with each security
@@ -12,40 +35,27 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin model-server
-WORKDIR /home/model-server/app
+COPY requirements-runtime.txt /tmp/requirements-runtime.txt
+RUN pip install --no-cache-dir -r /tmp/requirements-runtime.txt && rm /tmp/requirements-runtime.txt
 
-COPY requirements.txt pyproject.toml README.md ./
-RUN pip install --no-cache-dir -r requirements.txt
-
-COPY cxr/ cxr/
-COPY handlers/ handlers/
-COPY export/ export/
-COPY models/ models/
-COPY tests/fixtures/xrays/ tests/fixtures/xrays/
-COPY docker/config.properties /home/model-server/config.properties
-COPY log4j2.xml /home/model-server/log4j2.xml
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
-    && python -m cxr.grpc_stubs
-
-# The archives, exactly as `make archive` builds them. The data set is not inside the image, so the exports are
-# checked on the example X-rays and the int8 variant (which needs the training images to calibrate) is left out.
-RUN mkdir -p /home/model-server/model-store \
-    && for name in pneumonia cxr4; do \
-         python -m export --checkpoint "models/$name/model.pt" --data /nonexistent --output-dir "/tmp/export-$name" \
-             --formats ts onnx --repeats 1 \
-         && python -m export.archive --export-dir "/tmp/export-$name" --model-store /home/model-server/model-store \
-             --name "$name" --variants eager ts onnx --default onnx --version 1.0 || exit 1; \
-       done \
-    && rm -rf /tmp/export-* \
-    && chown -R model-server:model-server /home/model-server
-
-USER 10001
 WORKDIR /home/model-server
+COPY cxr/ app/cxr/
+COPY docker/config.properties config.properties
+COPY log4j2.xml log4j2.xml
+COPY --from=build /model-store model-store
+RUN mkdir -p run logs && chown -R model-server:model-server run logs && chmod 700 run
+
+# TorchServe writes its key file into its working folder (run/, 0700) and its logs to logs/ (log4j2.xml: INFO,
+# rolled at 10 MB); nothing else is written outside /tmp.
+ENV PYTHONPATH=/home/model-server/app PYTHONDONTWRITEBYTECODE=1 \
+    LOG_LOCATION=/home/model-server/logs METRICS_LOCATION=/home/model-server/logs
+USER 10001
+WORKDIR /home/model-server/run
 EXPOSE 8080 8081 8082 7070 7071
 
 # /ping needs the inference key that TorchServe writes to key_file.json at start.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "cxr.healthcheck", "--key-file", "/home/model-server/key_file.json"]
+    CMD ["python", "-m", "cxr.healthcheck", "--key-file", "/home/model-server/run/key_file.json"]
 
 CMD ["torchserve", "--start", "--foreground", "--ts-config", "/home/model-server/config.properties", \
      "--log-config", "/home/model-server/log4j2.xml", \

@@ -57,7 +57,7 @@ def preview_png(data: bytes, size: int = 512) -> str | None:
     """Base64 PNG of the image as the handler decodes it (cxr.inputs.decode_image, DICOM included), at most
     `size` px; None if it does not decode."""
     try:
-        image = decode_image(data, load_image, MAX_UPLOAD)
+        image, _ = decode_image(data, load_image, MAX_UPLOAD)
     except RequestError:
         return None
     image.thumbnail((size, size))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr.preprocessing import InvalidImageError
+from cxr.preprocessing import MAX_IMAGE_PIXELS, InvalidImageError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
 JSON_IMAGE_KEYS = ("image", "data", "b64", "body")
@@ -37,10 +37,12 @@ class RequestError(Exception):
 
 
 def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Image], max_bytes: int,
-                 prefix: str = "") -> Image.Image:
+                 prefix: str = "", max_pixels: int | None = None) -> tuple[Image.Image, int]:
     """The one way request bytes become an image, for the handler and the demo page alike (so a file cannot be
     previewed as one image and classified as another): the size limit, Pillow's header probe first (accepted
-    formats only), then `decode` (which also reads DICOM and names what is not an image). Raises RequestError."""
+    formats only, and at most `max_pixels`, what is left of the request's pixel budget), then `decode` (which
+    also reads DICOM and names what is not an image). Returns the image and the pixels it counted; raises
+    RequestError."""
     if len(data) > max_bytes:
         raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
@@ -50,11 +52,21 @@ def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Imag
     if opened is not None and opened.format not in ACCEPTED_FORMATS:
         raise RequestError(415, f"{prefix}unsupported image type {opened.format}; send one of "
                                 f"{', '.join(ACCEPTED_FORMATS)}")
+    if opened is not None and max_pixels is not None and max_pixels < opened.width * opened.height \
+            <= MAX_IMAGE_PIXELS:  # (over MAX_IMAGE_PIXELS, `decode` names the image as too large itself)
+        raise RequestError(413, f"{prefix}{opened.width}x{opened.height} pixels is over what is left of the "
+                                f"request's pixel budget ({max_pixels}); send fewer or smaller images")
     try:
-        return decode(opened if opened is not None else data)
+        image = decode(opened if opened is not None else data)
     except InvalidImageError as error:
         reason = None if error.kind == "unreadable" else error.kind  # unreadable counts as bad_request
-        raise RequestError(413 if error.kind == "too_large" else 400, f"{prefix}{error}", reason) from error
+        status = {"too_large": 413, "unsupported_type": 415}.get(error.kind, 400)
+        raise RequestError(status, f"{prefix}{error}", reason) from error
+    pixels = opened.width * opened.height if opened is not None else image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:  # DICOM: known once decoded (its size check came first)
+        raise RequestError(413, f"{prefix}{image.width}x{image.height} pixels is over what is left of the "
+                                f"request's pixel budget ({max_pixels}); send fewer or smaller images")
+    return image, pixels
 
 
 def _decode_base64(text: str) -> bytes:

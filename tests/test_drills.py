@@ -27,4 +27,7 @@ def test_short_drills_meet_their_goals(served, sample_paths, tmp_path):
     assert overload["after_at_half"]["failures"] == 0  # back to normal once the load drops
     assert storm["bad_got_4xx"] == storm["bad"] and storm["good_got_200"] == storm["good"]
     assert storm["healthy_after"] and not storm["worker_restarted"]
+    hostile = results["hostile"]
+    assert hostile["bad_got_4xx"] == hostile["bad"] and hostile["good_got_200"] == hostile["good"]
+    assert not hostile["worker_restarted"] and hostile["peak_growth_mb"] <= 300
     assert "Reliability drills" in (tmp_path / "reliability.md").read_text()

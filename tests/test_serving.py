@@ -394,4 +394,5 @@ def test_keys_are_private_and_logs_stay_small(served, sample_paths):
         assert served.predict(path.read_bytes())[0] == 200
     time.sleep(1)  # log4j2 writes asynchronously to the rolling files
     per_request = (logged() - before) / 40
+    print(f"logs: {per_request:.0f} bytes per answered request")
     assert per_request < 1024, f"{per_request:.0f} bytes of logs per answered request"
