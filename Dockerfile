@@ -4,11 +4,12 @@
 #   docker build -t cxr-serve:latest .
 FROM python:3.11-slim-bookworm AS build
 
-# Build stage: everything `make archive` needs, to build the archives exactly as it does. The data set is not in
+# Build stage: everything `make archive` needs (requirements.lock: every package hash-pinned), to build the
+# archives exactly as it does. The data set is not in
 # the image, so the exports are checked on the example X-rays and int8 (which needs training images) is left out.
 WORKDIR /build
-COPY requirements.txt pyproject.toml README.md ./
-RUN pip install --no-cache-dir -r requirements.txt
+COPY requirements.lock pyproject.toml README.md ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY cxr/ cxr/
 COPY handlers/ handlers/
 COPY export/ export/
@@ -23,7 +24,7 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
              --name "$name" --variants eager ts onnx --default onnx --version 1.0 || exit 1; \
        done
 
-# Runtime stage: Java, TorchServe and the handler's imports only (requirements-runtime.txt), the archives from
+# Runtime stage: Java, TorchServe and the handler's imports only (requirements-runtime.lock), the archives from
 # the build stage, a read-only root file system in compose and Kubernetes (writable: run/, logs/, /tmp).
 FROM python:3.11-slim-bookworm
 
@@ -35,8 +36,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin model-server
-COPY requirements-runtime.txt /tmp/requirements-runtime.txt
-RUN pip install --no-cache-dir -r /tmp/requirements-runtime.txt && rm /tmp/requirements-runtime.txt
+COPY requirements-runtime.lock /tmp/requirements-runtime.lock
+RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements-runtime.lock \
+    && rm /tmp/requirements-runtime.lock
 
 WORKDIR /home/model-server
 COPY cxr/ app/cxr/

@@ -29,21 +29,34 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java browser serve stop test test-fast lint train train-candidates evaluate compare ship \
-	export archive calibrate gate population loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
+	export archive calibrate gate population lock loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
 
 python:
 	@scripts/system-deps.sh python $(PYTHON)
 
-# Re-installs only when requirements.txt changes; otherwise a no-op.
-$(STAMP): requirements.txt pyproject.toml
+# Re-installs only when the lock changes; otherwise a no-op. requirements.lock pins every package, transitive
+# ones included, to the sha256 of its file (`make lock` regenerates it from requirements.txt, on purpose only);
+# it holds CPython 3.11 wheels, so another Python installs requirements.txt without hashes, and says so.
+$(STAMP): requirements.lock requirements.txt pyproject.toml
 	@scripts/system-deps.sh python $(PYTHON)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	if $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock; \
+	else \
+		echo "requirements.lock is for CPython 3.11: installing requirements.txt without hash checks"; \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt; \
+	fi
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m cxr.grpc_stubs
 	touch $@
+
+# Regenerate requirements.lock after changing requirements.txt (resolves with pip, hashes the files it picks).
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) scripts/lock_requirements.py
+	$(PY) scripts/lock_requirements.py --requirements requirements-runtime.txt --output requirements-runtime.lock
 
 # TorchServe's frontend is Java >= 17: installed with apt (sudo when not root) when missing or older.
 java:

@@ -76,29 +76,6 @@ def hostile_payloads(count: int) -> list[tuple[str, bytes, str]]:
     return [built[i % len(built)] for i in range(count)]
 
 
-def peak_growth_mb(pids: list[int], baselines: dict[int, int]) -> int:
-    """The largest VmHWM growth (MB) of `pids` since `baselines` (their RSS when their peaks were reset)."""
-    def status(pid: int, key: str) -> int:
-        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key))
-        return int(line.split()[1]) // 1024
-
-    return max((status(pid, "VmHWM") - baselines[pid] for pid in pids if pid in baselines), default=0)
-
-
-def reset_peaks(pids: list[int]) -> dict[int, int]:
-    """Reset each worker's VmHWM (Linux clear_refs "5") and return its RSS in MB."""
-    baselines = {}
-    for pid in pids:
-        try:
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
-            line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                        if line.startswith("VmRSS"))
-            baselines[pid] = int(line.split()[1]) // 1024
-        except OSError:  # another user's process, or no such process any more
-            pass
-    return baselines
-
-
 def storm(bench: BenchServer, model: str, good: list[bytes], bad: list[tuple[str, bytes, str]],
           concurrency: int = 12) -> dict[str, Any]:
     """`bad` payloads mixed with a quarter as many good X-rays: the statuses each kind got, whether a worker
@@ -110,7 +87,7 @@ def storm(bench: BenchServer, model: str, good: list[bytes], bad: list[tuple[str
     jobs += [("good", good[i % len(good)], "image/jpeg", True) for i in range(len(bad) // 4)]
     np.random.default_rng(1).shuffle(jobs)
     pids_before = bench_worker_pids(bench, model)
-    baselines = reset_peaks(pids_before)
+    baselines = hostile.reset_peaks(pids_before)
 
     def send(job: tuple[str, bytes, str, bool]) -> tuple[str, bool, int]:
         kind, body, content_type, is_good = job
@@ -137,7 +114,7 @@ def storm(bench: BenchServer, model: str, good: list[bytes], bad: list[tuple[str
     return {"bad": sum(1 for job in jobs if not job[3]), "bad_got_4xx": bad_ok,
             "good": sum(1 for job in jobs if job[3]), "good_got_200": good_ok, "by_kind": by_kind,
             "worker_restarted": pids_after != pids_before, "healthy_after": healthy(bench),
-            "peak_growth_mb": peak_growth_mb(pids_after, baselines)}
+            "peak_growth_mb": hostile.peak_growth_mb(pids_after, baselines)}
 
 
 def bench_worker_pids(bench: BenchServer, model: str) -> list[int]:

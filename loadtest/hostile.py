@@ -12,6 +12,7 @@ import io
 import json
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -112,6 +113,29 @@ CASES: dict[str, Callable[[], Case]] = {
     "16 x 30 Mpx PNGs in one request": pixel_budget_storm,
     "1-bit PNG bomb": one_bit_bomb,
 }
+
+
+def peak_growth_mb(pids: list[int | str], baselines: dict[int | str, int]) -> int:
+    """The largest VmHWM growth (MB) of `pids` since `baselines` (their RSS when their peaks were reset)."""
+    def status(pid: int | str, key: str) -> int:
+        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) // 1024
+
+    return max((status(pid, "VmHWM") - baselines[pid] for pid in pids if pid in baselines), default=0)
+
+
+def reset_peaks(pids: list[int | str]) -> dict[int | str, int]:
+    """Reset each worker's VmHWM (Linux clear_refs "5") and return its RSS in MB."""
+    baselines = {}
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS"))
+            baselines[pid] = int(line.split()[1]) // 1024
+        except OSError:  # another user's process, or no such process any more
+            pass
+    return baselines
 
 
 def corpus() -> dict[str, Case]:

@@ -180,5 +180,6 @@ def test_the_runtime_image_installs_no_dev_tools():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert dockerfile.count("FROM ") == 2 and "AS build" in dockerfile
     runtime_stage = dockerfile.split("AS build", 1)[1].split("\nFROM ", 1)[1]
-    assert "requirements-runtime.txt" in runtime_stage and "requirements.txt " not in runtime_stage
+    assert "--require-hashes -r /tmp/requirements-runtime.lock" in runtime_stage
+    assert "requirements.lock" not in runtime_stage.replace("requirements-runtime.lock", "")
     assert "COPY --from=build /model-store" in runtime_stage

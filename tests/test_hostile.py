@@ -6,12 +6,11 @@ import concurrent.futures
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from cxr.gate import GATE_FILE
-from loadtest.hostile import CASES, corpus
+from loadtest.hostile import CASES, corpus, peak_growth_mb, reset_peaks
 from tests.conftest import EXAMPLE_XRAYS, REPO
 from tests.handler_support import make_handler, run
 
@@ -22,20 +21,6 @@ XRAY = EXAMPLE_XRAYS / "NORMAL" / "IM-0001-0001.jpeg"
 @pytest.fixture(scope="module")
 def hostile():
     return corpus()
-
-
-def status_value(pid: str | int, key: str) -> int:
-    """A /proc/<pid>/status line in MB (VmHWM: peak resident memory, VmRSS: now)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) // 1024
-    raise KeyError(key)
-
-
-def reset_peak(pid: str | int) -> int:
-    """Reset VmHWM to the current RSS (Linux: "5" > clear_refs) and return that RSS."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return status_value(pid, "VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +36,14 @@ def shipped_handler(tmp_path_factory):
 def test_each_hostile_case_fails_alone_quickly_and_within_memory(shipped_handler, hostile, name):
     body, content_type = hostile[name]
     row = {"body": json.loads(body) if content_type == "application/json" else body}
-    baseline = reset_peak("self")
+    baselines = reset_peaks(["self"])
     started = time.monotonic()
     answers, statuses = run(shipped_handler, [row, {"body": XRAY.read_bytes()}])
     elapsed = time.monotonic() - started
     assert 400 <= statuses[0][0] < 500, (name, answers[0])
     assert 1 not in statuses and answers[1]["label"] in ("NORMAL", "PNEUMONIA"), name
     assert elapsed < MAX_SECONDS, f"{name}: {elapsed:.1f} s"
-    growth = status_value("self", "VmHWM") - baseline
+    growth = peak_growth_mb(["self"], baselines)
     assert growth <= MAX_GROWTH_MB, f"{name}: peak memory +{growth} MB"
 
 
@@ -68,7 +53,7 @@ def test_the_hostile_corpus_against_a_real_torchserve(served, hostile):
     workers = served.worker_pids("pneumonia")
     xray = XRAY.read_bytes()
     for name, (body, content_type) in hostile.items():
-        baselines = {pid: reset_peak(pid) for pid in workers}
+        baselines = reset_peaks(workers)
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             hostile_answer = pool.submit(served.predict, body, content_type=content_type)
@@ -79,5 +64,5 @@ def test_the_hostile_corpus_against_a_real_torchserve(served, hostile):
         assert xray_status == 200, name
         assert elapsed < MAX_SECONDS, f"{name}: {elapsed:.1f} s"
         assert served.worker_pids("pneumonia") == workers, f"{name}: a worker restarted"
-        growth = max(status_value(pid, "VmHWM") - base for pid, base in baselines.items())
+        growth = peak_growth_mb(workers, baselines)
         assert growth <= MAX_GROWTH_MB, f"{name}: worker peak memory +{growth} MB"

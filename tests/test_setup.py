@@ -1,6 +1,7 @@
 """Set-up on a machine that is not ours: the system-package script and the Java that TorchServe gets."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -73,3 +74,24 @@ def test_script_without_root_or_sudo_says_what_to_install(tmp_path):
                             env={"PATH": str(bin_dir), "JVM_DIR": str(tmp_path / "jvm")}, timeout=60)
     assert result.returncode == 1 and "not root and no sudo" in result.stderr
     assert "openjdk-17-jre-headless" in result.stderr and "found: 11" in result.stdout
+
+
+@pytest.mark.parametrize("requirements, lock", [("requirements.txt", "requirements.lock"),
+                                                ("requirements-runtime.txt", "requirements-runtime.lock")])
+def test_the_lock_pins_every_requirement_to_a_hash(requirements, lock):
+    """`make lock` output stays in step with the requirements it was made from: same versions, one sha256 per
+    package, and `make setup` installs it with --require-hashes."""
+    def pins(text: str) -> dict[str, str]:
+        found = {}
+        for line in text.splitlines():
+            if "==" in line and not line.startswith("#"):
+                name, version = line.split(" ")[0].split("==")
+                found[name.lower().replace("_", "-")] = version
+        return found
+
+    locked_text = (REPO / lock).read_text()
+    wanted, locked = pins((REPO / requirements).read_text()), pins(locked_text)
+    assert {name: locked.get(name) for name in wanted} == wanted, f"run `make lock` after changing {requirements}"
+    body = [line for line in locked_text.splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"\S+==\S+ --hash=sha256:[0-9a-f]{64}", line) for line in body)
+    assert "--require-hashes -r requirements.lock" in (REPO / "Makefile").read_text()
