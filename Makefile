@@ -28,7 +28,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 # Reports of commands that measure go here; `REPORTS=docs` refreshes the committed ones on purpose.
 REPORTS ?= runs/reports
 
-.PHONY: setup python java browser serve stop test test-fast lint train train-candidates evaluate compare ship \
+.PHONY: setup python java compiler browser serve stop test test-fast lint train train-candidates evaluate compare ship \
 	export archive calibrate gate population lock loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
@@ -62,6 +62,10 @@ lock:
 java:
 	@scripts/system-deps.sh java
 
+# AOTInductor compiles exported models to C++: g++ at export time (installed with apt when missing).
+compiler:
+	@scripts/system-deps.sh compiler
+
 # The demo page's browser test drives Debian's Chromium; without it (or without apt) that test skips.
 browser:
 	@scripts/system-deps.sh browser
@@ -80,6 +84,7 @@ stop:
 # PRECIOUS: make would otherwise delete the exports as intermediate files; `make archive` and `make bench` read them.
 .PRECIOUS: runs/export-%/model.onnx
 runs/export-%/model.onnx: models/%/model.pt | $(STAMP)
+	@scripts/system-deps.sh compiler
 	$(PY) -m export --checkpoint $< --data $(DATA_$*) --output-dir runs/export-$*
 
 model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
@@ -94,6 +99,7 @@ population: setup
 # Export any checkpoint (TorchScript / ONNX / int8, each checked against eager); THRESHOLD=0.5 embeds another
 # operating point in every exported file without touching the checkpoint.
 export: setup
+	@scripts/system-deps.sh compiler
 	$(PY) -m export --checkpoint $(CHECKPOINT) --data $(or $(DATA),$(DATA_$(NAME)),$(DATA_pneumonia)) \
 		--output-dir $(EXPORT_DIR) --report $(REPORTS)/export.md $(if $(THRESHOLD),--threshold $(THRESHOLD))
 
@@ -105,7 +111,7 @@ archive: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup browser lint
+test: setup compiler browser lint
 	$(PY) -m pytest
 
 # Unit and handler tests only: no TorchServe, no browser, no real-data evaluations (about a minute).

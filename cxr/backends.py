@@ -1,8 +1,9 @@
-"""One interface over the model files we serve: an eager checkpoint (`.pt`), TorchScript (`.ts`) and ONNX
-(`.onnx`, fp32 or int8). Each file carries its own serving config (class names, preprocessing, threshold),
-so the handler needs nothing but the file. `run` takes a preprocessed float batch and returns calibrated
-softmax probabilities (logits divided by the checkpoint's fitted temperature) and the population check's
-scores (None for a model without one: cxr.population), as NumPy arrays; `predict` only the probabilities.
+"""One interface over the model files we serve: an eager checkpoint (`.pt`), TorchScript (`.ts`), ONNX
+(`.onnx`, fp32 or int8) and AOTInductor packages (`.pt2`). Each file carries its own serving config (class
+names, preprocessing, threshold), so the handler needs nothing but the file. `run` takes a preprocessed float
+batch and returns calibrated softmax probabilities (logits divided by the checkpoint's fitted temperature)
+and the population check's scores (None for a model without one: cxr.population), as NumPy arrays;
+`predict` only the probabilities.
 """
 
 from __future__ import annotations
@@ -92,8 +93,36 @@ class OnnxBackend:
         return self.run(batch)[0]
 
 
+class AotiBackend:
+    """A torch.export + AOTInductor package (`.pt2`): compiled kernels, no Python model code; the config is in
+    its metadata. It returns (logits, population) when the model has a check, like the other files."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", name: str = "aotinductor") -> None:
+        import torch._inductor
+
+        self.device = torch.device(device)
+        index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
+        self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+        metadata = self.runner.get_metadata()
+        if CONFIG_KEY not in metadata:
+            raise ValueError(f"{path}: AOTInductor package has no {CONFIG_KEY} (export it with `python -m export`)")
+        self.config = ServingConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        self.name = name
+
+    def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
+        batch = torch.as_tensor(batch, dtype=torch.float32).to(self.device).contiguous()
+        with torch.inference_mode():
+            output = self.runner(batch)
+        logits, population = output if isinstance(output, (tuple, list)) else (output, None)
+        probabilities = calibrated_probabilities(logits.float().cpu().numpy(), self.config.temperature)
+        return probabilities, None if population is None else population.float().cpu().numpy()
+
+    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-                 half: bool = False, spin: bool = True) -> TorchBackend | OnnxBackend:
+                 half: bool = False, spin: bool = True) -> TorchBackend | OnnxBackend | AotiBackend:
     """Pick the runtime from the file name (`cxr.variants`): ONNX Runtime, TorchScript or the checkpoint."""
     path = Path(path)
     variant = variant_of(path)
@@ -101,6 +130,8 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int |
         torch.set_num_threads(threads)
     if variant.runtime == "onnxruntime":
         return OnnxBackend(path, device, threads, spin, name=variant.label)
+    if variant.runtime == "aotinductor":
+        return AotiBackend(path, device, name=variant.label)
     if variant.name == "ts":
         extra_files = {CONFIG_KEY: ""}
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)

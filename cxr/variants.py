@@ -26,6 +26,8 @@ VARIANTS = {variant.name: variant for variant in (
     Variant("ts", "torchscript", "model.ts", "torch"),
     Variant("onnx", "onnx", "model.onnx", "onnxruntime"),
     Variant("int8", "int8", "model.int8.onnx", "onnxruntime", exact=False),
+    # torch.export + AOTInductor: compiled C++ for this machine's CPU (or GPU), what replaces TorchScript.
+    Variant("aoti", "aotinductor", "model.pt2", "aotinductor"),
 )}
 EXPORTED = [name for name in VARIANTS if name != "eager"]  # eager is the checkpoint itself
 
@@ -36,8 +38,8 @@ def variant_of(path: str | Path) -> Variant:
     for variant in VARIANTS.values():
         if name == variant.file_name:
             return variant
-    suffixes = {".pt": "eager", ".ts": "ts", ".onnx": "onnx"}
+    suffixes = {".pt": "eager", ".ts": "ts", ".onnx": "onnx", ".pt2": "aoti"}
     suffix = Path(name).suffix
     if suffix not in suffixes:
-        raise ValueError(f"{path}: unknown model file type (expected .pt, .ts or .onnx)")
+        raise ValueError(f"{path}: unknown model file type (expected .pt, .ts, .onnx or .pt2)")
     return VARIANTS["int8" if name.endswith(".int8.onnx") else suffixes[suffix]]

@@ -1,4 +1,4 @@
-"""Export a checkpoint to TorchScript, ONNX and ONNX int8, and check each against eager PyTorch.
+"""Export a checkpoint to TorchScript, ONNX, ONNX int8 and AOTInductor, and check each against eager PyTorch.
 
     python -m export --checkpoint models/pneumonia/model.pt --output-dir runs/export-pneumonia
 
@@ -41,7 +41,7 @@ from cxr.population import CHECKPOINT_KEY, CheckedModel
 from cxr.preprocessing import EvalPreset
 from cxr.timing import images_per_second
 from cxr.variants import EXPORTED, VARIANTS
-from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
+from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
 
 
 def load_images(dataset: XrayFolder, limit: int | None, seed: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +179,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             export_torchscript(network, config, path)
         elif name == "onnx":
             export_onnx(network, config, path)
+        elif name == "aoti":
+            export_aoti(network, config, path)
         elif name == "int8":
             fp32 = output_dir / VARIANTS["onnx"].file_name
             if not fp32.is_file():

@@ -60,6 +60,22 @@ def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: str | os.P
     return Path(path)
 
 
+def export_aoti(model: torch.nn.Module, config: dict[str, Any], path: str | os.PathLike,
+                max_batch: int = 64) -> Path:
+    """torch.export with a dynamic batch axis, compiled by AOTInductor (weights frozen into the kernels) into a
+    `.pt2` package with the config in its metadata. Needs a C++ compiler (g++) now, none at load time; the
+    package is built for this machine's CPU instruction set (or its GPU when `model` is on CUDA)."""
+    import torch._inductor
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        exported = torch.export.export(model.eval(), (example_input(config),), dynamic_shapes=({0: batch},))
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path),
+            inductor_configs={"aot_inductor.metadata": {CONFIG_KEY: json.dumps(config)}, "freezing": True})
+    return Path(path)
+
+
 class _CalibrationReader:
     """Feeds ONNX Runtime's static quantizer one preprocessed training batch at a time."""
 

@@ -3,6 +3,7 @@
 #
 #   scripts/system-deps.sh python PYTHON   # PYTHON >= 3.11 with a working venv module (python3-venv)
 #   scripts/system-deps.sh java            # Java >= 17 for TorchServe's frontend
+#   scripts/system-deps.sh compiler        # g++ for the AOTInductor export
 #   scripts/system-deps.sh browser         # Debian's chromium + chromium-driver for the demo page's test (optional)
 #
 # Each step does nothing when what it needs is already there, and says what to do when it cannot install.
@@ -52,11 +53,17 @@ java)
     echo "TorchServe needs Java >= 17 (found: ${major:-none})"
     apt_install openjdk-17-jre-headless
     ;;
+compiler)
+    # AOTInductor compiles the exported model to C++ at export time (`python -m export --formats aoti`).
+    if command -v g++ >/dev/null; then exit 0; fi
+    echo "the AOTInductor export needs a C++ compiler (g++)"
+    apt_install g++
+    ;;
 browser)
     if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
     apt_install chromium chromium-driver || echo "could not install chromium: the browser test will skip"
     ;;
 *)
-    echo "usage: $0 python PYTHON | java | browser" >&2; exit 2
+    echo "usage: $0 python PYTHON | java | compiler | browser" >&2; exit 2
     ;;
 esac

@@ -12,8 +12,16 @@ from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_co
 from cxr.paths import EXAMPLE_XRAYS
 from cxr.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_score, resnet_forward
 from cxr.preprocessing import EvalPreset
-from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
-from tests.handler_support import FakeContext, encode, make_handler, run, synthetic_xray, write_tiny_checkpoint
+from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
+from tests.handler_support import (
+    FakeContext,
+    assert_same_answer,
+    encode,
+    make_handler,
+    run,
+    synthetic_xray,
+    write_tiny_checkpoint,
+)
 from training.fit_population import fit_gaussian, fit_logistic, flagged, tap_columns, with_limit
 from training.population_data import catalog
 
@@ -136,25 +144,28 @@ def test_describe_says_whom_the_model_is_for(checked_dir):
 
 
 def test_every_exported_file_carries_the_check(checked_dir, tmp_path):
-    """TorchScript and ONNX give the eager score within 1e-4 of the limit; int8 keeps both decisions."""
+    """TorchScript, ONNX and AOTInductor give the eager probabilities and score within 1e-4; int8 keeps both
+    decisions."""
     checkpoint = load_checkpoint(checked_dir / "model.pt")
     network = CheckedModel(model_from_checkpoint(checkpoint), checkpoint[CHECKPOINT_KEY]).eval()
     config = serving_config(checkpoint)
     export_torchscript(network, config, tmp_path / "model.ts")
     export_onnx(network, config, tmp_path / "model.onnx")
+    export_aoti(network, config, tmp_path / "model.pt2")
     preset = EvalPreset(preprocess_config(checkpoint))
     calibration = np.stack([preset(Image.fromarray(np.roll(synthetic_xray(), shift, axis=1), mode="L")).numpy()
                             for shift in range(0, 160, 10)])
     quantize_onnx_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", calibration)
     rows = [{"body": image} for image in inside_and_outside_images()]
     eager, _ = run(make_handler(checked_dir, population_check="warn"), rows)
-    for name in ("model.ts", "model.onnx", "model.int8.onnx"):
+    for name in ("model.ts", "model.onnx", "model.pt2", "model.int8.onnx"):
         answers, statuses = run(make_handler(tmp_path, name, population_check="warn"), rows)
         assert statuses == {}, name
         for answer, reference in zip(answers, eager, strict=True):
             assert answer["population"]["inside"] == reference["population"]["inside"], name
             if name != "model.int8.onnx":
                 assert answer["population"]["score"] == pytest.approx(reference["population"]["score"], abs=1e-4)
+                assert_same_answer(answer, reference)
 
 
 def test_the_kermany_copy_finder(tmp_path):

@@ -396,3 +396,38 @@ def test_keys_are_private_and_logs_stay_small(served, sample_paths):
     per_request = (logged() - before) / 40
     print(f"logs: {per_request:.0f} bytes per answered request")
     assert per_request < 1024, f"{per_request:.0f} bytes of logs per answered request"
+
+
+def test_an_aotinductor_archive_registers_and_agrees_with_eager(served, sample_paths, tmp_path):
+    """torch.export + AOTInductor (the variant that replaces TorchScript): exported and checked by
+    `python -m export`, archived, registered through the management API, same answers as the eager archive."""
+    from cxr import server
+    from cxr.paths import data_root
+    from export import __main__ as export_cli
+    from tests.serving_support import archive, register, slow_machine_config
+
+    export_dir = tmp_path / "export"
+    export_cli.main(export_cli.get_args_parser().parse_args(
+        ["--checkpoint", str(served.export_dir / "model.pt"), "--output-dir", str(export_dir), "--formats", "aoti",
+         "--check-images", "16", "--repeats", "1", "--data", str(data_root() / "pneumonia")]))
+    archive(export_dir, served.store, slow_machine_config(tmp_path / "model-config.yaml"), "--name", "aotitest",
+            "--variants", "aoti", "--default", "aoti", "--version", "1.0")
+    register(served.ports, served.keys, "aotitest_aoti", "aotitest_aoti.mar")
+    try:
+        server.wait_ready(served.workdir, served.ports["management"], ["aotitest_aoti"], StillRunning(), 900)
+        for path in sample_paths:
+            status, answer = served.predict(path.read_bytes(), model="aotitest_aoti")
+            _, eager = served.predict(path.read_bytes(), model="pneumonia_eager")
+            assert status == 200, answer
+            assert_same_answer({**answer, "model": "pneumonia_eager"}, eager)
+    finally:
+        served.request("/models/aotitest_aoti/1.0", key="management", api="management", method="DELETE")
+
+
+class StillRunning:
+    """wait_ready watches a process; the session's TorchServe is the fixture's."""
+
+    returncode = None
+
+    def poll(self):
+        return None
