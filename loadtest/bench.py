@@ -8,7 +8,8 @@
    across batch size, max batch delay and worker count; a closed-loop load (--concurrency clients sending the
    original-resolution samples back to back) gives the maximum throughput, then open-loop loads at 50%, 80% and
    100% of it give the latency percentiles. RSS of the frontend and of each worker.
-3. The naive baseline: loadtest/naive_app.py (FastAPI + uvicorn, eager, one request at a time), same loads.
+3. The naive baseline: loadtest/naive_app.py (FastAPI + uvicorn, eager, one request at a time), and a
+   hand-rolled LitServe server around the default archive's ONNX file (loadtest/litserve_app.py), same loads.
 
 Prints a table, writes the Markdown report (--output), `benchmarks.json` and plots next to it. Every load is
 bounded in time and count and targets 127.0.0.1 only. The load generator runs on the same machine and counts
@@ -47,6 +48,7 @@ from loadtest.bench_server import (
     build_config_archive,
     read_payloads,
     run_config,
+    run_litserve,
     run_naive,
 )
 
@@ -161,6 +163,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             bench.close()
         results["naive"] = run_naive(Path(args.checkpoint), payloads, args.concurrency, args.seconds, threads, scratch)
+        onnx = VARIANTS[default_variant] if VARIANTS[default_variant].runtime == "onnxruntime" else VARIANTS["onnx"]
+        results["litserve"] = run_litserve(export_dir / onnx.file_name, payloads, args.concurrency, args.seconds,
+                                           model_threads, scratch)
     write_reports(results, output)
     print(json.dumps(ratios(results), indent=2))
     print(f"report: {output}")

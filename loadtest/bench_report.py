@@ -46,11 +46,16 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     default = results["e2e"][results["default_config"]]
     model_limit = results["model_only"][results["default_variant"]][results["served_batch"]]
     at80 = default["load"]["80%"]
-    return {"e2e_over_model_only": default["max"]["throughput"] / model_limit,
-            "ours_over_naive": default["max"]["throughput"] / results["naive"]["max"]["throughput"],
-            "p99_over_p50_at_80": at80["p99_ms"] / at80["p50_ms"],
-            "failures": sum(block["max"]["failures"] + sum(v["failures"] for v in block.get("load", {}).values())
-                            for block in [*results["e2e"].values(), results["naive"]])}
+    baselines = [results["naive"], *([results["litserve"]] if "litserve" in results else [])]
+    found = {"e2e_over_model_only": default["max"]["throughput"] / model_limit,
+             "ours_over_naive": default["max"]["throughput"] / results["naive"]["max"]["throughput"],
+             "p99_over_p50_at_80": at80["p99_ms"] / at80["p50_ms"],
+             "failures": sum(block["max"]["failures"] + sum(v["failures"] for v in block.get("load", {}).values())
+                             for block in [*results["e2e"].values(), *baselines])}
+    if "litserve" in results:
+        found["ours_over_litserve"] = default["max"]["throughput"] / results["litserve"]["max"]["throughput"]
+        found["p99_over_litserve_p99"] = default["max"]["p99_ms"] / results["litserve"]["max"]["p99_ms"]
+    return found
 
 
 def markdown(results: dict[str, Any], plots: list[str]) -> str:
@@ -67,6 +72,10 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
              f"**{r['e2e_over_model_only']:.2f}x** | {'met' if r['e2e_over_model_only'] >= 0.8 else 'not met'} |",
              f"| >= 2x the naive FastAPI baseline | **{r['ours_over_naive']:.2f}x** | "
              f"{'met' if r['ours_over_naive'] >= 2 else 'not met'} |",
+             *([f"| >= 1.0x a hand-rolled LitServe + ONNX Runtime server on the same model, p99 no worse | "
+                f"**{r['ours_over_litserve']:.2f}x**, p99 {r['p99_over_litserve_p99']:.2f}x its | "
+                f"{'met' if r['ours_over_litserve'] >= 1 and r['p99_over_litserve_p99'] <= 1 else 'not met'} |"]
+               if "ours_over_litserve" in r else []),
              f"| p99 <= 2x p50 at 80% of max load | **{r['p99_over_p50_at_80']:.2f}x** | "
              f"{'met' if r['p99_over_p50_at_80'] <= 2 else 'not met'} |",
              f"| no failures | {r['failures']} | {'met' if r['failures'] == 0 else 'not met'} |", "",
@@ -93,10 +102,18 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     naive = results["naive"]
     lines += [f"| naive FastAPI + uvicorn, eager, one at a time | {naive['max']['throughput']:.1f} | "
               f"{naive['max']['p50_ms']:.0f} | {naive['max']['p95_ms']:.0f} | {naive['max']['p99_ms']:.0f} | "
-              f"{naive['max']['failures']}/{naive['max']['requests']} | {naive['rss_mb']['app']:.0f} (one process) | |",
-              "", "## Latency under load (open loop)", "",
+              f"{naive['max']['failures']}/{naive['max']['requests']} | {naive['rss_mb']['app']:.0f} (one process) | |"]
+    if "litserve" in results:
+        lit = results["litserve"]["max"]
+        lines.append(f"| hand-rolled LitServe + ONNX Runtime (batch 8 / 10 ms, 2 threads), same ONNX file | "
+                     f"{lit['throughput']:.1f} | {lit['p50_ms']:.0f} | {lit['p95_ms']:.0f} | {lit['p99_ms']:.0f} | "
+                     f"{lit['failures']}/{lit['requests']} | {results['litserve']['rss_mb']['app']:.0f} (all its "
+                     "processes) | |")
+    lines += ["", "## Latency under load (open loop)", "",
               *table(["server", "offered", "achieved X-rays/s", "p50 ms", "p95 ms", "p99 ms", "p99/p50", "failures"])]
-    for label, block in (("ours (shipped config)", default), ("naive", naive)):
+    servers = [("ours (shipped config)", default), ("naive", naive)]
+    servers += [("LitServe", results["litserve"])] if "litserve" in results else []
+    for label, block in servers:
         for share, v in block["load"].items():
             lines.append(f"| {label} | {share} ({v['offered_rate']:.1f}/s) | {v['throughput']:.1f} | "
                          f"{v['p50_ms']:.0f} | {v['p95_ms']:.0f} | {v['p99_ms']:.0f} | "

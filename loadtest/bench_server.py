@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import socket
 import subprocess
@@ -116,37 +118,60 @@ def run_config(bench: BenchServer, name: str, payloads: list[bytes], concurrency
         bench.client.unregister(name, "1.0")
 
 
-def run_naive(checkpoint: Path, payloads: list[bytes], concurrency: int, seconds: float, threads: int,
-              workdir: Path) -> dict[str, Any]:
-    [port] = free_ports(1)
-    environment = {**os.environ, "CXR_CHECKPOINT": str(checkpoint.resolve()), "CXR_THREADS": str(threads)}
-    with open(workdir / "naive.out", "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "loadtest.naive_app:app", "--host", "127.0.0.1",
-                                    "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                                   cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT)
+def run_app(command: list[str], environment: dict[str, str], target: Target, payloads: list[bytes],
+            concurrency: int, seconds: float, log: Path) -> dict[str, Any]:
+    """A baseline server of our own making (`command` on a free port, `target`): the same loads as ours, and
+    the memory of its whole process tree."""
+    import psutil
+
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **environment}, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        target = Target(port, "/predict", {"Content-Type": "image/jpeg"})
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"naive app exited; see {workdir / 'naive.out'}")
+                raise RuntimeError(f"{command[2]} exited; see {log}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                with socket.create_connection(("127.0.0.1", target.port), timeout=1):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("naive app did not start") from None
+                    raise TimeoutError(f"{command[2]} did not start; see {log}") from None
                 time.sleep(0.3)
         closed_loop(target, payloads, concurrency, min(3.0, seconds))
-        result = {"max": closed_loop(target, payloads, concurrency, seconds),
-                  "rss_mb": {"app": rss_mb([process.pid])[0]}}
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        result = {"max": closed_loop(target, payloads, concurrency, seconds), "rss_mb": {"app": sum(rss_mb(tree))}}
         peak = result["max"]["throughput"]
         result["load"] = {f"{share}%": open_loop(target, payloads, peak * share / 100, seconds)
                           for share in (50, 80, 100)}
         return result
     finally:
-        process.terminate()
+        os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+def run_naive(checkpoint: Path, payloads: list[bytes], concurrency: int, seconds: float, threads: int,
+              workdir: Path) -> dict[str, Any]:
+    """loadtest/naive_app.py: FastAPI + uvicorn, eager PyTorch, one request at a time."""
+    [port] = free_ports(1)
+    command = [sys.executable, "-m", "uvicorn", "loadtest.naive_app:app", "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning", "--no-access-log"]
+    environment = {"CXR_CHECKPOINT": str(checkpoint.resolve()), "CXR_THREADS": str(threads)}
+    return run_app(command, environment, Target(port, "/predict", {"Content-Type": "image/jpeg"}), payloads,
+                   concurrency, seconds, workdir / "naive.out")
+
+
+def run_litserve(onnx: Path, payloads: list[bytes], concurrency: int, seconds: float, threads: int,
+                 workdir: Path) -> dict[str, Any]:
+    """loadtest/litserve_app.py: LitServe + ONNX Runtime around the same ONNX file, dynamic batching, base64
+    JSON bodies (what LitServe reads)."""
+    [port] = free_ports(1)
+    command = [sys.executable, "-m", "loadtest.litserve_app", "--port", str(port)]
+    environment = {"CXR_ONNX": str(onnx.resolve()), "CXR_THREADS": str(threads)}
+    bodies = [json.dumps({"image": base64.b64encode(payload).decode()}).encode() for payload in payloads]
+    return run_app(command, environment, Target(port, "/predict", {"Content-Type": "application/json"}), bodies,
+                   concurrency, seconds, workdir / "litserve.out")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, output: str) -> argparse.ArgumentParser:
