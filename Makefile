@@ -133,6 +133,9 @@ loadtest: setup
 # The benchmark matrix (model-only, TorchServe end to end, naive FastAPI baseline) -> $(REPORTS)/benchmarks.md.
 bench: setup model_store/pneumonia.mar
 	$(PY) -m loadtest.bench --export-dir runs/export-pneumonia --output $(REPORTS)/benchmarks.md $(BENCH_ARGS)
+	@if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		$(PY) -m loadtest.gpu_bench --output $(REPORTS)/gpu_bench.md; \
+	else echo "no CUDA GPU: the GPU rows (loadtest.gpu_bench) are left out"; fi
 
 # Reliability drills (soak, worker crash, overload, malformed storm) -> $(REPORTS)/reliability.md. About 15 min.
 drills: setup model_store/pneumonia.mar

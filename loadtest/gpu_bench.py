@@ -1,0 +1,126 @@
+"""Model-only throughput on a CUDA GPU: the shipped checkpoint (with its population check, as every served file
+runs it) in eager fp32, eager fp16 (channels-last), AOTInductor compiled for the GPU here, and ONNX Runtime's
+CUDA provider when the installed onnxruntime has it. Side by side in one process, medians, synchronised.
+
+    python -m loadtest.gpu_bench --checkpoint models/pneumonia/model.pt --output runs/reports/gpu_bench.md
+
+`make bench` measures the whole server; this measures what a GPU worker's model step can give it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
+from cxr.commands import command_parser
+from cxr.population import CHECKPOINT_KEY, CheckedModel
+from cxr.report import table
+
+
+def images_per_second(run, batch: torch.Tensor, seconds: float) -> float:
+    """Median images/s of `run(batch)` over `seconds`, the GPU synchronised around each call."""
+    for _ in range(3):
+        run(batch)
+    torch.cuda.synchronize()
+    timings, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(timings) < 5:
+        started = time.perf_counter()
+        run(batch)
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return len(batch) / statistics.median(timings)
+
+
+def compile_aoti(model: torch.nn.Module, config: dict[str, Any], max_batch: int, scratch: Path) -> Any:
+    """AOTInductor for this GPU, with a dynamic batch axis (what `python -m export --formats aoti` does on CPU)."""
+    import torch._inductor
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = torch.randn(2, config["preprocessing"]["channels"], config["preprocessing"]["image_size"],
+                          config["preprocessing"]["image_size"], device="cuda")
+    started = time.perf_counter()
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(scratch / "model.pt2"),
+                                                       inductor_configs={"freezing": True})
+    print(f"AOTInductor export + compile for CUDA: {time.perf_counter() - started:.0f} s", flush=True)
+    return torch._inductor.aoti_load_package(package)
+
+
+def runners(network: torch.nn.Module, config: dict[str, Any], max_batch: int, scratch: Path,
+            aoti: bool = True) -> dict[str, Any]:
+    """name -> callable on a CUDA float32 batch."""
+    from export.exporters import export_onnx
+
+    fp32 = network.cuda().eval()
+    fp16 = copy.deepcopy(fp32).half().to(memory_format=torch.channels_last)  # the check's buffers too
+    found: dict[str, Any] = {"eager fp32": lambda x: fp32(x),
+                             "eager fp16 channels-last": lambda x: fp16(x.half().to(memory_format=torch.channels_last))}
+    if aoti:
+        found["AOTInductor (CUDA)"] = compile_aoti(fp32, config, max_batch, scratch)
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            export_onnx(network.cpu(), config, scratch / "model.onnx")
+            network.cuda()
+            session = ort.InferenceSession(str(scratch / "model.onnx"), providers=["CUDAExecutionProvider"])
+            name = session.get_inputs()[0].name
+            found["ONNX Runtime CUDA"] = lambda x: session.run(None, {name: x.cpu().numpy()})
+        else:
+            print("ONNX Runtime has no CUDA provider here: its row is left out", flush=True)
+    except ImportError:
+        print("onnxruntime is not installed here: its row is left out", flush=True)
+    return found
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: loadtest.gpu_bench measures GPUs only (make bench measures the CPU)")
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(checkpoint), serving_config(checkpoint)
+    network = CheckedModel(model, checkpoint[CHECKPOINT_KEY]).eval() if checkpoint.get(CHECKPOINT_KEY) else model
+    size, channels = config["preprocessing"]["image_size"], config["preprocessing"]["channels"]
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "checkpoint": args.checkpoint, "rows": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        # torch.export and the compilers run outside inference mode
+        built = runners(network, config, max(args.batches), Path(scratch), aoti=not args.no_aoti)
+        with torch.inference_mode():
+            for name, run in built.items():
+                results["rows"][name] = {b: images_per_second(run, torch.randn(b, channels, size, size,
+                                                                                device="cuda"), args.seconds)
+                                         for b in args.batches}
+                print(name, {b: round(v) for b, v in results["rows"][name].items()}, flush=True)
+    lines = [f"# Model-only throughput on {results['gpu']}", "",
+             f"`python -m loadtest.gpu_bench` (torch {results['torch']}, `{args.checkpoint}` with its population "
+             f"check, {size} px input): images/s, medians over {args.seconds:.0f} s per cell.", "",
+             *table(["backend", *(f"batch {b}" for b in args.batches)],
+                    [[name, *(f"{v:.0f}" for v in row.values())] for name, row in results["rows"].items()]), ""]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text("\n".join(lines))
+    Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = command_parser(__doc__)
+    parser.add_argument("--checkpoint", default="models/pneumonia/model.pt")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 512])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--no-aoti", action="store_true", help="leave the AOTInductor row out")
+    parser.add_argument("--output", default="runs/reports/gpu_bench.md")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
