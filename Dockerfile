@@ -1,15 +1,29 @@
 # cxr-serve: TorchServe with our archives, built at image build time from the committed models.
 # One image for CPU and GPU hosts: the pinned torch wheels are CUDA builds that also run on CPU, and
 # TorchServe uses the GPUs the container runtime exposes (docker compose -f docker-compose.yml -f docker-compose.gpu.yml).
-#   docker build -t cxr-serve:latest .
-FROM python:3.11-slim-bookworm AS build
+#   docker build -t localhost/cxr-serve:latest .   # or `make image` (podman or docker)
+# BASE: any Debian bookworm image with python3 (3.11) and its venv module. `make image` builds one from Debian's
+# packages with mmdebstrap where no registry can be reached; elsewhere the default is pulled.
+ARG BASE=python:3.11-slim-bookworm
+# Local package mirrors and a CA bundle, for machines that install through them (empty: PyPI, system CAs).
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG PIP_CERT=
+
+FROM ${BASE} AS build
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 
 # Build stage: everything `make archive` needs (requirements.lock: every package hash-pinned), to build the
 # archives exactly as it does. The data set is not in
 # the image, so the exports are checked on the example X-rays and int8 (which needs training images) is left out.
 WORKDIR /build
-COPY requirements.lock pyproject.toml README.md ./
+COPY requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
+COPY pyproject.toml README.md ./
 COPY cxr/ cxr/
 COPY handlers/ handlers/
 COPY export/ export/
@@ -26,16 +40,21 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
 
 # Runtime stage: Java, TorchServe and the handler's imports only (requirements-runtime.lock), the archives from
 # the build stage, a read-only root file system in compose and Kubernetes (writable: run/, logs/, /tmp).
-FROM python:3.11-slim-bookworm
+FROM ${BASE}
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 
 # Java 17 for TorchServe's frontend. Not pinned to a Debian revision: bookworm replaces it with each security
 # update, and a pinned revision would stop building.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless passwd \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin model-server
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin model-server \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 COPY requirements-runtime.lock /tmp/requirements-runtime.lock
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements-runtime.lock \
     && rm /tmp/requirements-runtime.lock

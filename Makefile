@@ -28,7 +28,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 # Reports of commands that measure go here; `REPORTS=docs` refreshes the committed ones on purpose.
 REPORTS ?= runs/reports
 
-.PHONY: setup python java compiler browser serve stop test test-fast lint train train-candidates evaluate compare ship \
+.PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
 	export archive calibrate gate population lock loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
@@ -65,6 +65,28 @@ java:
 # AOTInductor compiles exported models to C++: g++ at export time (installed with apt when missing).
 compiler:
 	@scripts/system-deps.sh compiler
+
+# The container image (Dockerfile) built with podman or docker: `make image-up` serves it on 127.0.0.1:18080-18082
+# beside `make serve`, read-only root, non-root, key file in logs/image/; `make test-image` checks it.
+image:
+	@scripts/system-deps.sh containers
+	scripts/image.sh build
+
+image-up: image
+	scripts/image.sh up
+
+image-down:
+	@scripts/image.sh down
+
+# The image with Prometheus scraping it (docker-compose.host.yml: host network, loopback only; 127.0.0.1:19090).
+compose-up: image
+	scripts/image.sh compose-up
+
+compose-down:
+	@scripts/image.sh compose-down
+
+test-image: setup image
+	$(PY) -m pytest -m image tests/test_image.py
 
 # The demo page's browser test drives Debian's Chromium; without it (or without apt) that test skips.
 browser:

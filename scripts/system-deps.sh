@@ -4,6 +4,7 @@
 #   scripts/system-deps.sh python PYTHON   # PYTHON >= 3.11 with a working venv module (python3-venv)
 #   scripts/system-deps.sh java            # Java >= 17 for TorchServe's frontend
 #   scripts/system-deps.sh compiler        # g++ for the AOTInductor export
+#   scripts/system-deps.sh containers      # podman + runc + mmdebstrap for `make image` (when no engine)
 #   scripts/system-deps.sh browser         # Debian's chromium + chromium-driver for the demo page's test (optional)
 #
 # Each step does nothing when what it needs is already there, and says what to do when it cannot install.
@@ -53,6 +54,12 @@ java)
     echo "TorchServe needs Java >= 17 (found: ${major:-none})"
     apt_install openjdk-17-jre-headless
     ;;
+containers)
+    # `make image`: podman (with runc) where neither podman nor docker is installed, and mmdebstrap for a base
+    # image made from Debian's packages where no container registry answers.
+    if { command -v podman >/dev/null || command -v docker >/dev/null; } && command -v mmdebstrap >/dev/null; then exit 0; fi
+    apt_install podman runc uidmap mmdebstrap
+    ;;
 compiler)
     # AOTInductor compiles the exported model to C++ at export time (`python -m export --formats aoti`).
     if command -v g++ >/dev/null; then exit 0; fi
@@ -64,6 +71,6 @@ browser)
     apt_install chromium chromium-driver || echo "could not install chromium: the browser test will skip"
     ;;
 *)
-    echo "usage: $0 python PYTHON | java | compiler | browser" >&2; exit 2
+    echo "usage: $0 python PYTHON | java | compiler | containers | browser" >&2; exit 2
     ;;
 esac

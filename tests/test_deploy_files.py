@@ -183,3 +183,12 @@ def test_the_runtime_image_installs_no_dev_tools():
     assert "--require-hashes -r /tmp/requirements-runtime.lock" in runtime_stage
     assert "requirements.lock" not in runtime_stage.replace("requirements-runtime.lock", "")
     assert "COPY --from=build /model-store" in runtime_stage
+
+
+def test_manifests_run_the_image_make_image_builds():
+    """One image name everywhere: what scripts/image.sh builds is what compose and Kubernetes run."""
+    built = re.search(r"^IMAGE=\$\{IMAGE:-(\S+)\}", (REPO / "scripts" / "image.sh").read_text(), re.M).group(1)
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["torchserve"]
+    deployment = yaml.safe_load((KUBERNETES / "plain" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    runtime = yaml.safe_load((KUBERNETES / "kserve" / "servingruntime.yaml").read_text())["spec"]
+    assert compose["image"] == deployment["containers"][0]["image"] == runtime["containers"][0]["image"] == built

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The container image, built and run with podman (or docker where that is what is installed).
+#
+#   scripts/image.sh build   # the base from Debian's packages when no registry answers, then the Dockerfile
+#   scripts/image.sh up      # TorchServe in the image on 127.0.0.1:18080/18081/18082, key file in logs/image/
+#   scripts/image.sh down    # stop and remove it
+#   scripts/image.sh compose-up / compose-down   # the image + Prometheus (docker-compose.host.yml)
+#
+# Machines like ours: no container registry, no bridge networking, no rlimits: the base image is made with
+# mmdebstrap and `podman import`, the container uses the host's network (TorchServe binds 127.0.0.1 only,
+# docker/config-host.properties), and containers.conf sets `default_ulimits = []`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${IMAGE:-localhost/cxr-serve:latest}
+BASE=${BASE:-localhost/cxr-base:bookworm}
+NAME=${CXR_IMAGE_CONTAINER:-cxr-serve-image}
+RUN_DIR=$PWD/logs/image
+
+engine() {
+    if command -v podman >/dev/null; then
+        CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf} podman --runtime runc --cgroup-manager=cgroupfs "$@"
+    else
+        docker "$@"
+    fi
+}
+
+build() {
+    if ! engine image exists "$BASE" 2>/dev/null && ! engine image inspect "$BASE" >/dev/null 2>&1; then
+        echo "building the base image $BASE from Debian's packages (mmdebstrap)"
+        tar=$(mktemp --suffix=.tar)
+        mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$tar"
+        engine import "$tar" "$BASE"
+        rm -f "$tar"
+    fi
+    # This machine's package mirrors and CA bundle, when it has them (pip.conf's find-links / extra-index-url).
+    mounts=() args=()
+    for dir in /opt/pypi /opt/pypi-more /opt/wheels; do
+        [ -d "$dir" ] && mounts+=(-v "$dir:/mirror/$(basename "$dir"):ro")
+    done
+    [ -d /opt/pypi ] && args+=(--build-arg "PIP_EXTRA_INDEX_URL=file:///mirror/pypi/simple file:///mirror/pypi-more/simple")
+    [ -d /opt/wheels ] && args+=(--build-arg PIP_FIND_LINKS=/mirror/wheels)
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+        mounts+=(-v /etc/ssl/certs/ca-certificates.crt:/mirror/ca.crt:ro)
+        args+=(--build-arg PIP_CERT=/mirror/ca.crt)
+    fi
+    # podman writes OCI images by default, which drop the Dockerfile's HEALTHCHECK: ask for the docker format.
+    command -v podman >/dev/null && args+=(--format docker)
+    engine build --network host "${mounts[@]}" "${args[@]}" --build-arg "BASE=$BASE" -t "$IMAGE" .
+}
+
+run_dir() {
+    # The key folder belongs to the image's user (uid 10001) and nobody else.
+    mkdir -p "$RUN_DIR/logs"
+    chown -R 10001:10001 "$RUN_DIR" 2>/dev/null || sudo chown -R 10001:10001 "$RUN_DIR"
+    chmod 700 "$RUN_DIR"
+}
+
+compose() {
+    if command -v podman >/dev/null; then
+        # The project's pinned podman-compose (requirements.txt): Debian's 1.0.3 adds a bridge network to
+        # host-network services and fails.
+        [ -x .venv/bin/podman-compose ] && PODMAN_COMPOSE=${PODMAN_COMPOSE:-.venv/bin/podman-compose}
+        CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf} "${PODMAN_COMPOSE:-podman-compose}" -f docker-compose.host.yml "$@"
+    else
+        docker compose -f docker-compose.host.yml "$@"
+    fi
+}
+
+prometheus_image() {
+    if engine image inspect localhost/cxr-prometheus:bookworm >/dev/null 2>&1; then return; fi
+    echo "building localhost/cxr-prometheus:bookworm from Debian's prometheus package (mmdebstrap)"
+    tar=$(mktemp --suffix=.tar)
+    mmdebstrap --variant=minbase --include=prometheus,ca-certificates bookworm "$tar"
+    engine import "$tar" localhost/cxr-prometheus:bookworm
+    rm -f "$tar"
+}
+
+up() {
+    down >/dev/null 2>&1 || true
+    run_dir
+    engine run -d --name "$NAME" --network host --read-only --tmpfs /tmp:size=2g \
+        -v "$RUN_DIR:/home/model-server/run" -v "$RUN_DIR/logs:/home/model-server/logs" \
+        -v "$PWD/docker/config-host.properties:/home/model-server/config.properties:ro" \
+        --security-opt no-new-privileges --cap-drop ALL "$IMAGE" >/dev/null
+    echo "image $IMAGE running as $NAME on 127.0.0.1:18080 (inference), 18081, 18082; keys in $RUN_DIR/key_file.json"
+}
+
+down() {
+    engine rm -f "$NAME" >/dev/null 2>&1 && echo "stopped $NAME" || echo "nothing to stop"
+}
+
+case "${1:-}" in
+    build) build ;;
+    up) up ;;
+    down) down ;;
+    compose-up) down >/dev/null 2>&1 || true; run_dir; prometheus_image; compose up -d ;;
+    compose-down) compose down ;;
+    *) echo "usage: $0 build | up | down | compose-up | compose-down" >&2; exit 2 ;;
+esac
