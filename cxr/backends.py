@@ -27,6 +27,14 @@ CONFIG_KEY = "cxr_config.json"
 Prediction = tuple[np.ndarray, np.ndarray | None]  # (probabilities, population scores or None)
 
 
+def _prediction(output: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor], temperature: float
+                ) -> Prediction:
+    """A torch model's output (logits, or logits and population scores) as the backends answer it."""
+    logits, population = output if isinstance(output, (tuple, list)) else (output, None)
+    probabilities = calibrated_probabilities(logits.float().cpu().numpy(), temperature)
+    return probabilities, None if population is None else population.float().cpu().numpy()
+
+
 class TorchBackend:
     """Eager checkpoint or TorchScript module on CPU or CUDA (optionally fp16 on CUDA). `model` is the
     classifier (Grad-CAM hooks it); `network` what runs: the classifier fused with its population check when
@@ -47,9 +55,7 @@ class TorchBackend:
         batch = torch.as_tensor(batch).to(self.device)
         with torch.inference_mode():
             output = self.network(batch.half() if self.half else batch)
-        logits, population = output if isinstance(output, tuple) else (output, None)
-        probabilities = calibrated_probabilities(logits.float().cpu().numpy(), self.config.temperature)
-        return probabilities, None if population is None else population.float().cpu().numpy()
+        return _prediction(output, self.config.temperature)
 
     def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         return self.run(batch)[0]
@@ -113,9 +119,7 @@ class AotiBackend:
         batch = torch.as_tensor(batch, dtype=torch.float32).to(self.device).contiguous()
         with torch.inference_mode():
             output = self.runner(batch)
-        logits, population = output if isinstance(output, (tuple, list)) else (output, None)
-        probabilities = calibrated_probabilities(logits.float().cpu().numpy(), self.config.temperature)
-        return probabilities, None if population is None else population.float().cpu().numpy()
+        return _prediction(output, self.config.temperature)
 
     def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         return self.run(batch)[0]

@@ -43,6 +43,10 @@ def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Imag
     formats only, and at most `max_pixels`, what is left of the request's pixel budget), then `decode` (which
     also reads DICOM and names what is not an image). Returns the image and the pixels it counted; raises
     RequestError."""
+    def over_budget(width: int, height: int) -> RequestError:
+        return RequestError(413, f"{prefix}{width}x{height} pixels is over what is left of the request's pixel "
+                                 f"budget ({max_pixels}); send fewer or smaller images")
+
     if len(data) > max_bytes:
         raise RequestError(413, f"{prefix}image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
@@ -54,8 +58,7 @@ def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Imag
                                 f"{', '.join(ACCEPTED_FORMATS)}")
     if opened is not None and max_pixels is not None and max_pixels < opened.width * opened.height \
             <= MAX_IMAGE_PIXELS:  # (over MAX_IMAGE_PIXELS, `decode` names the image as too large itself)
-        raise RequestError(413, f"{prefix}{opened.width}x{opened.height} pixels is over what is left of the "
-                                f"request's pixel budget ({max_pixels}); send fewer or smaller images")
+        raise over_budget(opened.width, opened.height)
     try:
         image = decode(opened if opened is not None else data)
     except InvalidImageError as error:
@@ -64,8 +67,7 @@ def decode_image(data: bytes, decode: Callable[[Image.Image | bytes], Image.Imag
         raise RequestError(status, f"{prefix}{error}", reason) from error
     pixels = opened.width * opened.height if opened is not None else image.width * image.height
     if max_pixels is not None and pixels > max_pixels:  # DICOM: known once decoded (its size check came first)
-        raise RequestError(413, f"{prefix}{image.width}x{image.height} pixels is over what is left of the "
-                                f"request's pixel budget ({max_pixels}); send fewer or smaller images")
+        raise over_budget(image.width, image.height)
     return image, pixels
 
 

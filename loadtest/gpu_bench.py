@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,20 +23,16 @@ from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_confi
 from cxr.commands import command_parser
 from cxr.population import CHECKPOINT_KEY, CheckedModel
 from cxr.report import table
+from cxr.timing import images_per_second
 
 
-def images_per_second(run, batch: torch.Tensor, seconds: float) -> float:
-    """Median images/s of `run(batch)` over `seconds`, the GPU synchronised around each call."""
-    for _ in range(3):
-        run(batch)
-    torch.cuda.synchronize()
-    timings, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(timings) < 5:
-        started = time.perf_counter()
+def synchronised(run):
+    """`run` followed by a wait for the GPU, so that cxr.timing times the kernels and not their launch."""
+    def call(batch: torch.Tensor) -> None:
         run(batch)
         torch.cuda.synchronize()
-        timings.append(time.perf_counter() - started)
-    return len(batch) / statistics.median(timings)
+
+    return call
 
 
 def compile_aoti(model: torch.nn.Module, config: dict[str, Any], max_batch: int, scratch: Path) -> Any:
@@ -96,9 +91,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         built = runners(network, config, max(args.batches), Path(scratch), aoti=not args.no_aoti)
         with torch.inference_mode():
             for name, run in built.items():
-                results["rows"][name] = {b: images_per_second(run, torch.randn(b, channels, size, size,
-                                                                                device="cuda"), args.seconds)
-                                         for b in args.batches}
+                results["rows"][name] = {b: images_per_second(
+                    synchronised(run), torch.randn(b, channels, size, size, device="cuda"), b,
+                    min_seconds=args.seconds) for b in args.batches}
                 print(name, {b: round(v) for b, v in results["rows"][name].items()}, flush=True)
     lines = [f"# Model-only throughput on {results['gpu']}", "",
              f"`python -m loadtest.gpu_bench` (torch {results['torch']}, `{args.checkpoint}` with its population "

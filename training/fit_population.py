@@ -27,7 +27,7 @@ from cxr.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint
 from cxr.commands import command_parser
 from cxr.decision import calibrated_probabilities
 from cxr.paths import data_root
-from cxr.population import CHECKPOINT_KEY, TAPS, population_score
+from cxr.population import CHECKPOINT_KEY, TAPS, check_tensors, population_score
 from cxr.preprocessing import EvalPreset
 from training.population_data import catalog, feature_statistics
 from training.population_report import write_report
@@ -79,10 +79,9 @@ def fit_gaussian(own: np.ndarray, columns: np.ndarray, components: int = 64) -> 
 
 
 def scores(check: dict[str, Any], features: np.ndarray) -> np.ndarray:
-    tensors = {name: torch.as_tensor(np.asarray(check[name]), dtype=torch.float32)
-               for name in ("center", "scale", "weights", "bias")}
     with torch.no_grad():
-        return population_score(torch.as_tensor(features, dtype=torch.float32), **tensors, kind=check["kind"]).numpy()
+        return population_score(torch.as_tensor(features, dtype=torch.float32), **check_tensors(check),
+                                kind=check["kind"]).numpy()
 
 
 def with_limit(check: dict[str, Any], own_val: list[np.ndarray]) -> dict[str, Any]:
@@ -108,8 +107,8 @@ def fit(spec: tuple[str, tuple[str, ...], float], model: torch.nn.Module, own: n
         own_val: list[np.ndarray]) -> dict[str, Any]:
     kind, taps, parameter = spec
     columns = tap_columns(model, taps)
-    check = fit_logistic(own, other, columns, parameter) if kind == "logistic" and len(other) else \
-        fit_gaussian(own, columns, int(parameter) if kind == "gaussian" else 64)
+    check = fit_logistic(own, other, columns, parameter) if kind == "logistic" else \
+        fit_gaussian(own, columns, int(parameter))
     return with_limit(check, own_val)
 
 
@@ -139,15 +138,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{sum(f.source == 'kermany_in_crd' for f in films)} of "
           f"{sum(f.source in ('crd_normal', 'kermany_in_crd') for f in films)}")
     cache = Path(args.output).parent / "features.npz"  # the feature pass is the slow part: kept for re-fits
-    paths = np.asarray([str(film.path) for film in films])
-    if cache.is_file() and np.array_equal(np.load(cache)["paths"], paths) and \
-            str(np.load(cache)["checkpoint"]) == checkpoint_sha256(args.checkpoint):
-        logits, features = np.load(cache)["logits"], np.load(cache)["features"]
+    paths, sha256 = np.asarray([str(film.path) for film in films]), checkpoint_sha256(args.checkpoint)
+    cached = {}
+    if cache.is_file():
+        with np.load(cache) as stored:
+            cached = dict(stored)
+    if np.array_equal(cached.get("paths"), paths) and str(cached.get("checkpoint")) == sha256:
+        logits, features = cached["logits"], cached["features"]
     else:
         logits, features = feature_statistics(model, films, EvalPreset(preprocess_config(checkpoint)), args.device)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, paths=paths, logits=logits, features=features,
-                 checkpoint=checkpoint_sha256(args.checkpoint))
+        np.savez(cache, paths=paths, logits=logits, features=features, checkpoint=sha256)
     labels = config.decide(calibrated_probabilities(logits, config.temperature))
     said = [config.class_names[int(k)] for k in labels]
 
@@ -161,9 +162,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                    for source in OTHER_SOURCES} if trained_on == "pneumonia" else {}
     loso_sources = OTHER_SOURCES if trained_on == "pneumonia" else ("crd_normal", "crd_covid", "tbx11k", "kermany")
     test = pick(lambda f: f.split == "test")
+    negatives = np.concatenate(list(other_train.values())) if other_train else np.zeros((0, features.shape[1]))
     rows: dict[str, dict[str, Any]] = {}
     for label, spec in candidates(model, bool(other_train)).items():
-        negatives = np.concatenate(list(other_train.values())) if other_train else np.zeros((0, features.shape[1]))
         check = fit(spec, model, own_train, negatives, own_val)
         row = {"check": check, "own_val": flagged(check, np.concatenate(own_val)), "loso": {}}
         for source in loso_sources:  # fit without the source; report on its films (train+val, then test)
@@ -185,8 +186,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     all_scores = scores(check, features)
     report = write_report(name, films, all_scores, check["limit"], said, rows, chosen, is_own, args.report_dir)
     stored = {"kind": check["kind"], "taps": list(TAPS), "limit": check["limit"],
-              **{key: torch.as_tensor(np.asarray(check[key]), dtype=torch.float32)
-                 for key in ("center", "scale", "weights", "bias")},
+              **check_tensors(check),
               "intended_population": INTENDED.get(name, args.intended_population or ""),
               "model_card": f"docs/model_cards/{name}.md", "method": chosen,
               "metrics": report["summary"]}
