@@ -39,16 +39,18 @@ python:
 # Re-installs only when the lock changes; otherwise a no-op. requirements.lock pins every package, transitive
 # ones included, to the sha256 of its file (`make lock` regenerates it from requirements.txt, on purpose only);
 # it holds CPython 3.11 wheels, so another Python installs requirements.txt without hashes, and says so.
+# No pip cache: a one-time install would keep a second copy of every download (3.5 GB for the CUDA wheels).
 $(STAMP): requirements.lock requirements.txt pyproject.toml
 	@scripts/system-deps.sh python $(PYTHON)
+	@scripts/system-deps.sh disk $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
-		$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock; \
+		$(VENV)/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --require-hashes -r requirements.lock; \
 	else \
 		echo "requirements.lock is for CPython 3.11: installing requirements.txt without hash checks"; \
-		$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt; \
+		$(VENV)/bin/pip install --quiet --no-cache-dir --disable-pip-version-check -r requirements.txt; \
 	fi
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m cxr.grpc_stubs
 	touch $@
 

@@ -2,6 +2,7 @@
 # System packages that `make serve` / `make test` need, installed with apt (through sudo when not root).
 #
 #   scripts/system-deps.sh python PYTHON   # PYTHON >= 3.11 with a working venv module (python3-venv)
+#   scripts/system-deps.sh disk DIR        # room for the virtual environment in DIR (7.4 GB at the peak of its install)
 #   scripts/system-deps.sh java            # Java >= 17 for TorchServe's frontend
 #   scripts/system-deps.sh compiler        # g++ for the AOTInductor export
 #   scripts/system-deps.sh containers      # podman + runc + mmdebstrap for `make image` (when no engine)
@@ -44,6 +45,19 @@ python)
         apt_install "python${minor}-venv" || apt_install python3-venv
     fi
     ;;
+disk)
+    # Measured: a fresh `pip install --no-cache-dir --require-hashes -r requirements.lock` peaks at 7.4 GB used
+    # (7.1 GB stay). Say so before pip starts, rather than "No space left on device" halfway through.
+    dir=${2:-.venv}; probe=$dir
+    while [ ! -e "$probe" ]; do probe=$(dirname "$probe"); done
+    need_kb=$((7 * 1024 * 1024)); used_kb=$(du -sk "$dir" 2>/dev/null | cut -f1 || echo 0)
+    free_kb=$(df -Pk "$probe" | awk 'NR == 2 {print $4}')
+    if [ $((free_kb + ${used_kb:-0})) -lt "$need_kb" ]; then
+        echo "the virtual environment needs about 7.5 GB of disk (torch's CUDA wheels); $((free_kb / 1024)) MB free" \
+            "under $probe: free some space first" >&2
+        exit 1
+    fi
+    ;;
 java)
     major=$(java_major || true)
     if [ -n "${JAVA_HOME:-}" ] && [ -x "$JAVA_HOME/bin/java" ]; then major=$(java_major "$JAVA_HOME/bin/java" || true); fi
@@ -71,6 +85,6 @@ browser)
     apt_install chromium chromium-driver || echo "could not install chromium: the browser test will skip"
     ;;
 *)
-    echo "usage: $0 python PYTHON | java | compiler | containers | browser" >&2; exit 2
+    echo "usage: $0 python PYTHON | disk DIR | java | compiler | containers | browser" >&2; exit 2
     ;;
 esac
