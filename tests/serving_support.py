@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr import server
+from cxr import cli, server
 from cxr.paths import data_root
 from cxr.server import free_ports
 from cxr.variants import VARIANTS
@@ -122,3 +122,13 @@ def served(tmp_path_factory):
         for port in ports.values():  # nothing listens on our ports once the server is gone
             with socket.socket() as sock:
                 assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+def run_cli(served, capsys, *arguments: str) -> tuple[int, list[dict]]:
+    """`cxr ARGUMENTS` against the served TorchServe: its exit code and the JSON lines it printed."""
+    options = ["--key-file", str(served.workdir / "key_file.json"), "--port", str(served.ports["inference"]),
+               "--grpc-port", str(served.ports["grpc_inference"]),
+               "--management-port", str(served.ports["management"])]
+    code = cli.main([*options, *arguments])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+

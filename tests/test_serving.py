@@ -4,20 +4,13 @@ import base64
 import concurrent.futures
 import json
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-from cxr import cli
-from cxr.client import Client as CxrClient
-from cxr.client import PredictionError
 from tests.conftest import SHIPPED_MODEL
 from tests.handler_support import assert_same_answer
 from tests.test_population import OTHER_SOURCES
@@ -184,109 +177,11 @@ def test_explanations_over_rest(served, sample_paths):
     assert status == 501 and "does not explain" in refused["error"]
 
 
-def test_cli_explain_writes_the_overlay(served, capsys, sample_paths, tmp_path):
-    out = tmp_path / "heatmap.png"
-    code, [answer] = run_cli(served, capsys, "explain", str(sample_paths[-1]), "--out", str(out))
-    assert code == 0 and answer["overlay"] == str(out) and answer["label"] in ("NORMAL", "PNEUMONIA")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, _ = run_cli(served, capsys, "explain", str(sample_paths[-1]), "--out", str(out), "--model", "pneumonia")
-    assert code == 1  # the ONNX archive does not explain
-
-
 def test_management_api_needs_its_own_key(served):
     assert served.request("/models", key="inference", api="management")[0] == 400
     status, body = served.request("/models", key="management", api="management")
     assert status == 200 and {m["modelName"] for m in body["models"]} >= {"pneumonia", "pneumonia_eager"}
     assert {m["modelName"] for m in body["models"]} <= {"pneumonia", "pneumonia_eager", "cxr4"}
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    client = CxrClient(served.keys, ports=served.ports, timeout=30)
-    yield client
-    client.close()
-
-
-def test_rest_and_grpc_give_the_same_answers(client, sample_paths):
-    assert client.ping("rest") == client.ping("grpc") == "Healthy"
-    for path in sample_paths[::4]:
-        data = path.read_bytes()
-        assert_same_answer(client.predict(data, protocol="grpc"), client.predict(data, protocol="rest"))
-
-
-@pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_client_errors_name_the_problem(served, client, protocol):
-    with pytest.raises(PredictionError) as refused:
-        client.predict(b"not an image", protocol=protocol)
-    assert refused.value.status == 400 and "not an image" in refused.value.message
-    wrong_key = CxrClient({"inference": "wrong", "management": "wrong"}, ports=served.ports, retries=0)
-    with pytest.raises(PredictionError) as unauthorised:
-        wrong_key.predict(b"x", protocol=protocol)
-    assert "Token Authorization failed" in unauthorised.value.message
-    wrong_key.close()
-
-
-def test_client_lists_models_with_workers(client):
-    listed = {entry["modelName"]: entry for entry in client.models()}
-    assert {"pneumonia", "pneumonia_eager"} <= set(listed)
-    assert listed["pneumonia"]["workers"] and listed["pneumonia"]["modelVersion"] == "1.0"
-
-
-def run_cli(served, capsys, *arguments):
-    options = ["--key-file", str(served.workdir / "key_file.json"), "--port", str(served.ports["inference"]),
-               "--grpc-port", str(served.ports["grpc_inference"]),
-               "--management-port", str(served.ports["management"])]
-    code = cli.main([*options, *arguments])
-    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-
-
-@pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_cli_predict_prints_one_answer_per_image(served, capsys, sample_paths, protocol):
-    images = [str(path) for path in sample_paths[:3]]
-    code, answers = run_cli(served, capsys, "predict", "--protocol", protocol, *images)
-    assert code == 0 and len(answers) == 3
-    for path, answer in zip(sample_paths[:3], answers, strict=True):
-        assert_same_answer(answer, served.predict(path.read_bytes())[1])
-
-
-def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample_paths, tmp_path):
-    junk = tmp_path / "junk.jpeg"
-    junk.write_bytes(b"not an x-ray")
-    code, answers = run_cli(served, capsys, "predict", str(sample_paths[0]), str(junk), str(tmp_path / "missing.png"))
-    assert code == 1
-    assert answers[0]["label"] in ("NORMAL", "PNEUMONIA")
-    assert answers[1]["code"] == 400 and "not an image" in answers[1]["error"] and answers[1]["file"] == str(junk)
-    assert answers[2] == {"file": str(tmp_path / "missing.png"), "code": 400, "error": "no such file"}
-
-
-def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
-    import numpy as np
-
-    from cxr.preprocessing import load_image
-    from tests.test_dicom import make_dicom
-
-    pixels = np.asarray(load_image(sample_paths[0]))
-    dicom = tmp_path / "xray.dcm"
-    dicom.write_bytes(make_dicom(pixels.astype(np.uint16) * 16, bits=12))
-    status, answer = served.predict(dicom.read_bytes(), content_type="application/dicom")
-    assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA")
-    code, [cli_answer] = run_cli(served, capsys, "predict", str(dicom))
-    assert code == 0
-    assert_same_answer(cli_answer, answer)
-
-
-def test_cli_models_and_installed_entry_point(served, capsys):
-    code, listed = run_cli(served, capsys, "models")
-    assert code == 0 and {"pneumonia", "pneumonia_eager"} <= {entry["model"] for entry in listed}
-    if SHIPPED_MODEL.is_file():
-        [pneumonia] = [entry for entry in listed if entry["model"] == "pneumonia"]
-        assert "children" in pneumonia["intended_population"]
-        assert pneumonia["model_card"] == "docs/model_cards/pneumonia.md"
-    installed = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--help"], capture_output=True, text=True)
-    assert installed.returncode == 0 and "predict" in installed.stdout
-    missing_key = subprocess.run([str(Path(sys.executable).with_name("cxr")), "--key-file", "/nonexistent", "models"],
-                                 capture_output=True, text=True)
-    assert missing_key.returncode != 0 and "no key file" in missing_key.stderr
 
 
 def test_prometheus_metrics_count_labels_and_rejections(served, sample_paths):
@@ -299,85 +194,6 @@ def test_prometheus_metrics_count_labels_and_rejections(served, sample_paths):
     assert any(line.startswith("CxrRejected{") and 'Reason="empty"' in line for line in lines), lines
     assert any(line.startswith("CxrInferenceTime{") for line in lines)
     assert "ts_inference_requests_total" in text
-
-
-def test_swap_under_load_loses_no_request(served, capsys, sample_paths, tmp_path):
-    """A bounded load (4 client threads, at most 60 s and 4,000 requests) runs through a deploy of version
-    2.0 and a rollback to 1.0; every request must be answered 200."""
-    payloads = [path.read_bytes() for path in sample_paths[:8]]
-    stop, lock = threading.Event(), threading.Lock()
-    versions, failures, sent = Counter(), [], [0]
-
-    def load(offset: int) -> None:
-        deadline, index = time.monotonic() + 60, offset
-        while not stop.is_set() and time.monotonic() < deadline and sent[0] < 4000:
-            try:
-                status, body = served.predict(payloads[index % len(payloads)])
-            except OSError as error:  # a timeout or a reset is a lost request
-                status, body = 0, str(error)
-            index += 1
-            with lock:
-                sent[0] += 1
-                if status == 200:
-                    versions[body["version"]] += 1
-                else:
-                    failures.append((status, body))
-
-    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(1.5)
-        options = ["--samples", str(sample_paths[0].parent.parent), "--history", str(tmp_path / "history.json")]
-        code, [deployed] = run_cli(served, capsys, "deploy", "pneumonia-2.0.mar", *options)
-        assert code == 0 and (deployed["old_version"], deployed["new_version"]) == ("1.0", "2.0")
-        time.sleep(1.5)
-        code, [rolled_back] = run_cli(served, capsys, "rollback", *options)
-        assert code == 0 and (rolled_back["old_version"], rolled_back["new_version"]) == ("2.0", "1.0")
-        time.sleep(1.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    print(f"swap under load: {sent[0]} requests, {len(failures)} failed, answered by {dict(versions)}")
-    assert failures == []
-    assert versions["1.0"] > 0 and versions["2.0"] > 0 and sum(versions.values()) == sent[0]
-    assert [e["modelVersion"] for e in served.request("/models/pneumonia/all", key="management",
-                                                      api="management")[1]] == ["1.0"]
-
-
-def test_scale_workers_up_and_down(served, capsys):
-    for workers in (2, 1):
-        code, _ = run_cli(served, capsys, "scale", str(workers), "--model", "pneumonia_eager")
-        assert code == 0
-        assert len(served.worker_pids("pneumonia_eager")) == workers
-
-
-def test_customized_describe_gives_the_model_config(served):
-    """`?customized=true` runs the handler's describe_handle: classes, threshold and preprocessing of the model."""
-    status, body = served.request("/models/pneumonia?customized=true", key="management", api="management")
-    assert status == 200, body
-    assert "class_names" in json.dumps(body) and "PNEUMONIA" in json.dumps(body), body
-    if SHIPPED_MODEL.is_file():
-        custom = body[0]["customizedMetadata"]  # TorchServe 0.12 gives the handler's dict as it is
-        custom = json.loads(custom) if isinstance(custom, str) else custom
-        assert custom["population_check"] == "refuse" and "children" in custom["intended_population"]
-        assert custom["model_card"] == "docs/model_cards/pneumonia.md"
-
-
-@pytest.mark.parametrize("protocol", ["rest", "grpc"])
-def test_cli_prints_a_population_refusal(served, capsys, protocol):
-    if not SHIPPED_MODEL.is_file():
-        pytest.skip("the tiny test model has no population check")
-    other = sorted(OTHER_SOURCES.glob("*.jpg"))[0]
-    code = cli.main(["--key-file", str(served.workdir / "key_file.json"), "--port", str(served.ports["inference"]),
-                     "--grpc-port", str(served.ports["grpc_inference"]), "predict", "--protocol", protocol,
-                     str(other)])
-    output = capsys.readouterr()
-    [answer] = [json.loads(line) for line in output.out.splitlines()]
-    assert code == 1 and answer["code"] == 422 and answer["error"] == "outside the model's population"
-    assert answer["population"]["inside"] is False and "children" in answer["intended_population"]
-    assert "outside the model's population" in output.err and "docs/model_cards/pneumonia.md" in output.err
 
 
 def test_keys_are_private_and_logs_stay_small(served, sample_paths):
@@ -397,37 +213,3 @@ def test_keys_are_private_and_logs_stay_small(served, sample_paths):
     print(f"logs: {per_request:.0f} bytes per answered request")
     assert per_request < 1024, f"{per_request:.0f} bytes of logs per answered request"
 
-
-def test_an_aotinductor_archive_registers_and_agrees_with_eager(served, sample_paths, tmp_path):
-    """torch.export + AOTInductor (the variant that replaces TorchScript): exported and checked by
-    `python -m export`, archived, registered through the management API, same answers as the eager archive."""
-    from cxr import server
-    from cxr.paths import data_root
-    from export import __main__ as export_cli
-    from tests.serving_support import archive, register, slow_machine_config
-
-    export_dir = tmp_path / "export"
-    export_cli.main(export_cli.get_args_parser().parse_args(
-        ["--checkpoint", str(served.export_dir / "model.pt"), "--output-dir", str(export_dir), "--formats", "aoti",
-         "--check-images", "16", "--repeats", "1", "--data", str(data_root() / "pneumonia")]))
-    archive(export_dir, served.store, slow_machine_config(tmp_path / "model-config.yaml"), "--name", "aotitest",
-            "--variants", "aoti", "--default", "aoti", "--version", "1.0")
-    register(served.ports, served.keys, "aotitest_aoti", "aotitest_aoti.mar")
-    try:
-        server.wait_ready(served.workdir, served.ports["management"], ["aotitest_aoti"], StillRunning(), 900)
-        for path in sample_paths:
-            status, answer = served.predict(path.read_bytes(), model="aotitest_aoti")
-            _, eager = served.predict(path.read_bytes(), model="pneumonia_eager")
-            assert status == 200, answer
-            assert_same_answer({**answer, "model": "pneumonia_eager"}, eager)
-    finally:
-        served.request("/models/aotitest_aoti/1.0", key="management", api="management", method="DELETE")
-
-
-class StillRunning:
-    """wait_ready watches a process; the session's TorchServe is the fixture's."""
-
-    returncode = None
-
-    def poll(self):
-        return None
