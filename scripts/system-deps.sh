@@ -2,7 +2,7 @@
 # System packages that `make serve` / `make test` need, installed with apt (through sudo when not root).
 #
 #   scripts/system-deps.sh python PYTHON   # PYTHON >= 3.11 with a working venv module (python3-venv)
-#   scripts/system-deps.sh disk DIR        # room for the virtual environment in DIR (7.4 GB at the peak of its install)
+#   scripts/system-deps.sh disk DIR        # room for the virtual environment in DIR (6.9 GB at the peak of its install)
 #   scripts/system-deps.sh java            # Java >= 17 for TorchServe's frontend
 #   scripts/system-deps.sh compiler        # g++ for the AOTInductor export
 #   scripts/system-deps.sh containers      # podman + runc + mmdebstrap for `make image` (when no engine)
@@ -46,14 +46,14 @@ python)
     fi
     ;;
 disk)
-    # Measured: a fresh `pip install --no-cache-dir --require-hashes -r requirements.lock` peaks at 7.4 GB used
-    # (7.1 GB stay). Say so before pip starts, rather than "No space left on device" halfway through.
+    # Measured: a fresh `pip install --no-cache-dir --require-hashes -r requirements.lock` peaks at 6.9 GB used
+    # (GiB, as du -h counts; 6.6 GB stay). Say so before pip starts, rather than "No space left on device" halfway through.
     dir=${2:-.venv}; probe=$dir
     while [ ! -e "$probe" ]; do probe=$(dirname "$probe"); done
     need_kb=$((7 * 1024 * 1024)); used_kb=$(du -sk "$dir" 2>/dev/null | cut -f1 || echo 0)
     free_kb=$(df -Pk "$probe" | awk 'NR == 2 {print $4}')
     if [ $((free_kb + ${used_kb:-0})) -lt "$need_kb" ]; then
-        echo "the virtual environment needs about 7.5 GB of disk (torch's CUDA wheels); $((free_kb / 1024)) MB free" \
+        echo "the virtual environment needs about 7 GB of disk (torch's CUDA wheels); $((free_kb / 1024)) MB free" \
             "under $probe: free some space first" >&2
         exit 1
     fi
