@@ -132,3 +132,11 @@ def run_cli(served, capsys, *arguments: str) -> tuple[int, list[dict]]:
     code = cli.main([*options, *arguments])
     return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
+
+class StillRunning:
+    """A process that never ends, for server.wait_ready when the TorchServe it waits for is not its child."""
+
+    returncode = None
+
+    def poll(self):
+        return None

@@ -3,13 +3,7 @@
 import pytest
 
 from cxr import server
-
-
-class StillRunning:
-    returncode = None
-
-    def poll(self):
-        return None
+from tests.serving_support import StillRunning
 
 
 def test_a_half_written_key_file_means_not_ready_yet(tmp_path):

@@ -85,7 +85,7 @@ def test_an_aotinductor_archive_registers_and_agrees_with_eager(served, sample_p
     from cxr import server
     from cxr.paths import data_root
     from export import __main__ as export_cli
-    from tests.serving_support import archive, register, slow_machine_config
+    from tests.serving_support import StillRunning, archive, register, slow_machine_config
 
     export_dir = tmp_path / "export"
     export_cli.main(export_cli.get_args_parser().parse_args(
@@ -103,13 +103,3 @@ def test_an_aotinductor_archive_registers_and_agrees_with_eager(served, sample_p
             assert_same_answer({**answer, "model": "pneumonia_eager"}, eager)
     finally:
         served.request("/models/aotitest_aoti/1.0", key="management", api="management", method="DELETE")
-
-
-class StillRunning:
-    """wait_ready watches a process; the session's TorchServe is the fixture's."""
-
-    returncode = None
-
-    def poll(self):
-        return None
-
