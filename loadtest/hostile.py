@@ -26,25 +26,34 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _dicom(pixels: np.ndarray, syntax: str, frames: int = 1) -> bytes:
-    """A DICOM file around `pixels` (uint8 or uint16, one frame repeated `frames` times) in `syntax`."""
+def dicom_file(pixels: np.ndarray, bits: int | None = None, photometric: str = "MONOCHROME2", syntax: str = "",
+               frames: int = 1, pixel_data: bool = True, compress: bool = False, **attributes: object) -> bytes:
+    """A chest DICOM file around `pixels` (one frame, repeated `frames` times): `bits` stored (default: the
+    dtype's) in 8 or 16 allocated, the transfer syntax `syntax` (default explicit VR little endian) or RLE when
+    `compress`, any other `attributes` set as they are. The hostile cases below and tests/test_dicom.py use it."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
+    bits = bits or pixels.dtype.itemsize * 8
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # computed radiography
+    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), syntax or ExplicitVRLittleEndian
     dataset = Dataset()
     dataset.file_meta = meta
     dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.PhotometricInterpretation = "DX", "MONOCHROME2"
+    dataset.Modality, dataset.BodyPartExamined = "CR", "CHEST"
     dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
-    bits = pixels.dtype.itemsize * 8
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated = 8 if bits <= 8 else 16
+    dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = bits, bits - 1, 0
+    for name, value in attributes.items():
+        setattr(dataset, name, value)
     if frames > 1:
         dataset.NumberOfFrames = frames
-    dataset.PixelData = pixels.tobytes() * frames
+    if pixel_data:
+        dataset.PixelData = pixels.astype(np.uint8 if bits <= 8 else np.uint16).tobytes() * frames
+        if compress:
+            dataset.compress(RLELossless)
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -68,12 +77,12 @@ def deflated_dicom_bomb() -> Case:
     """72 MB of 16-bit pixels deflated into a ~70 KB file (pydicom inflates all of it on read)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    return _dicom(np.zeros((6000, 6000), np.uint16), DeflatedExplicitVRLittleEndian), "application/dicom"
+    return dicom_file(np.zeros((6000, 6000), np.uint16), syntax=DeflatedExplicitVRLittleEndian), "application/dicom"
 
 
 def multiframe_dicom() -> Case:
     """20 frames of 512x512: an X-ray has one."""
-    return _dicom(np.full((512, 512), 90, np.uint8), "", frames=20), "application/dicom"
+    return dicom_file(np.full((512, 512), 90, np.uint8), frames=20), "application/dicom"
 
 
 def sixteen_bit_png() -> Case:

@@ -82,11 +82,11 @@ def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
     import numpy as np
 
     from cxr.preprocessing import load_image
-    from tests.test_dicom import make_dicom
+    from loadtest.hostile import dicom_file
 
     pixels = np.asarray(load_image(sample_paths[0]))
     dicom = tmp_path / "xray.dcm"
-    dicom.write_bytes(make_dicom(pixels.astype(np.uint16) * 16, bits=12))
+    dicom.write_bytes(dicom_file(pixels.astype(np.uint16) * 16, bits=12))
     status, answer = served.predict(dicom.read_bytes(), content_type="application/dicom")
     assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA")
     code, [cli_answer] = run_cli(served, capsys, "predict", str(dicom))
