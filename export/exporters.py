@@ -68,8 +68,9 @@ def export_aoti(model: torch.nn.Module, config: dict[str, Any], path: str | os.P
     import torch._inductor
 
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = example_input(config).to(next(model.parameters()).device)
     with torch.no_grad():
-        exported = torch.export.export(model.eval(), (example_input(config),), dynamic_shapes=({0: batch},))
+        exported = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
         torch._inductor.aoti_compile_and_package(
             exported, package_path=str(path),
             inductor_configs={"aot_inductor.metadata": {CONFIG_KEY: json.dumps(config)}, "freezing": True})

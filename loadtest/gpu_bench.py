@@ -36,18 +36,15 @@ def synchronised(run):
 
 
 def compile_aoti(model: torch.nn.Module, config: dict[str, Any], max_batch: int, scratch: Path) -> Any:
-    """AOTInductor for this GPU, with a dynamic batch axis (what `python -m export --formats aoti` does on CPU)."""
+    """The AOTInductor package `python -m export --formats aoti` makes, compiled here for this GPU."""
     import torch._inductor
 
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    example = torch.randn(2, config["preprocessing"]["channels"], config["preprocessing"]["image_size"],
-                          config["preprocessing"]["image_size"], device="cuda")
+    from export.exporters import export_aoti
+
     started = time.perf_counter()
-    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(scratch / "model.pt2"),
-                                                       inductor_configs={"freezing": True})
+    package = export_aoti(model, config, scratch / "model.pt2", max_batch)
     print(f"AOTInductor export + compile for CUDA: {time.perf_counter() - started:.0f} s", flush=True)
-    return torch._inductor.aoti_load_package(package)
+    return torch._inductor.aoti_load_package(str(package))
 
 
 def runners(network: torch.nn.Module, config: dict[str, Any], max_batch: int, scratch: Path,
