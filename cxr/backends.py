@@ -35,7 +35,18 @@ def _prediction(output: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Ten
     return probabilities, None if population is None else population.float().cpu().numpy()
 
 
-class TorchBackend:
+class Backend:
+    """What every runtime answers: `run` -> (probabilities, population scores or None); `predict` is the
+    probabilities alone (timings and parity checks)."""
+
+    def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
+        raise NotImplementedError
+
+    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+
+class TorchBackend(Backend):
     """Eager checkpoint or TorchScript module on CPU or CUDA (optionally fp16 on CUDA). `model` is the
     classifier (Grad-CAM hooks it); `network` what runs: the classifier fused with its population check when
     `check` is given (an exported TorchScript module already returns both)."""
@@ -57,11 +68,8 @@ class TorchBackend:
             output = self.network(batch.half() if self.half else batch)
         return _prediction(output, self.config.temperature)
 
-    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
 
-
-class OnnxBackend:
+class OnnxBackend(Backend):
     """ONNX Runtime session: CUDA execution provider when asked and available, CPU otherwise."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
@@ -95,11 +103,8 @@ class OnnxBackend:
         population = outputs[1].astype(np.float32) if len(outputs) > 1 else None  # second output: the check
         return calibrated_probabilities(outputs[0], self.config.temperature), population
 
-    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
 
-
-class AotiBackend:
+class AotiBackend(Backend):
     """A torch.export + AOTInductor package (`.pt2`): compiled kernels, no Python model code; the config is in
     its metadata. It returns (logits, population) when the model has a check, like the other files."""
 
@@ -121,12 +126,9 @@ class AotiBackend:
             output = self.runner(batch)
         return _prediction(output, self.config.temperature)
 
-    def predict(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        return self.run(batch)[0]
-
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-                 half: bool = False, spin: bool = True) -> TorchBackend | OnnxBackend | AotiBackend:
+                 half: bool = False, spin: bool = True) -> Backend:
     """Pick the runtime from the file name (`cxr.variants`): ONNX Runtime, TorchScript or the checkpoint."""
     path = Path(path)
     variant = variant_of(path)
