@@ -183,10 +183,10 @@ def load_dicom(data: bytes) -> Image.Image:
     if int(dataset.get("SamplesPerPixel", 1)) != 1:
         frame = pixels[0] if pixels.ndim == 4 else pixels
         return to_grayscale(Image.fromarray(np.asarray(frame, dtype=np.uint8), mode="RGB"))
+    slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
     if "ModalityLUTSequence" in dataset:
         values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
     else:  # rescale slope/intercept, in float32 (pydicom's helper widens to float64)
-        slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
         values = pixels.astype(np.float32)
         values *= slope
         values += intercept
@@ -202,7 +202,6 @@ def load_dicom(data: bytes) -> Image.Image:
         bits = int(dataset.get("BitsStored", 16))
         signed = int(dataset.get("PixelRepresentation", 0)) == 1
         stored = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        slope, intercept = float(dataset.get("RescaleSlope", 1)), float(dataset.get("RescaleIntercept", 0))
         low, high = sorted((stored[0] * slope + intercept, stored[1] * slope + intercept))
     values -= low  # in place from here on: no second full-size array
     values *= 255.0 / max(high - low, 1e-9)
