@@ -1,5 +1,5 @@
 """TorchServe handler for chest X-ray classifiers: one handler for every backend (eager checkpoint,
-TorchScript, ONNX Runtime fp32/int8), using the same `cxr.preprocessing` code as training.
+TorchScript, ONNX Runtime fp32/int8, AOTInductor), using the same `cxr.preprocessing` code as training.
 
 Request shapes accepted (each TorchServe request may carry one or several images):
   - raw image bytes as the body (JPEG, PNG incl. 16-bit, TIFF, BMP, DICOM; grayscale or colour);
