@@ -15,6 +15,12 @@ from cxr.paths import data_root
 from cxr.preprocessing import EvalPreset, InvalidImageError, TrainPreset, load_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The image files matching `pattern` under `folder`, sorted (none when the folder does not exist)."""
+    return sorted(path for path in Path(folder).glob(pattern)
+                  if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
 log = logging.getLogger(__name__)
 
 
@@ -55,12 +61,7 @@ class XrayFolder(Dataset):
         self.transform = transform
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.class_names):
-            class_dir = self.split_dir / name
-            if not class_dir.is_dir():
-                continue
-            for path in sorted(class_dir.iterdir()):
-                if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                    self.samples.append((path, index))
+            self.samples += [(path, index) for path in image_files(self.split_dir / name)]
         if not self.samples:
             raise ValueError(f"{self.split_dir}: no images found")
         self.skipped: list[str] = []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.data import IMAGE_EXTENSIONS
+from cxr.data import image_files
 from cxr.paths import EXAMPLE_XRAYS, data_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ def dataset(name: str) -> Path | None:
 
 
 def image_paths(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return image_files(folder, "*/*")
 
 
 def required_dataset(name: str) -> Path:

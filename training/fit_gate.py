@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr.commands import command_parser
-from cxr.data import IMAGE_EXTENSIONS
+from cxr.data import image_files
 from cxr.gate import GateNet, OodGate, gate_input
 from cxr.preprocessing import EvalPreset, PreprocessConfig, load_image
 from cxr.report import table
@@ -46,7 +46,7 @@ def thumbnails(images: list[Any], description: str) -> torch.Tensor:
 
 def xray_files(root: Path, split: str) -> dict[str, list[Path]]:
     """Class folder -> image files of one split."""
-    return {folder.name: sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return {folder.name: image_files(folder)
             for folder in sorted((root / split).iterdir()) if folder.is_dir()} if (root / split).is_dir() else {}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from cxr.data import IMAGE_EXTENSIONS
+from cxr.data import image_files
 
 CATEGORIES = ("photo", "medical_not_cxr", "document", "drawing", "noise", "blank", "inverted_xray",
               "rotated_xray")
@@ -168,7 +168,7 @@ def _blank(rng: np.random.Generator) -> Image.Image:
 def _xray_paths(data_roots: list[Path], per_root: int, rng: np.random.Generator) -> list[Path]:
     paths = []
     for root in data_roots:
-        files = sorted(p for p in (root / "train").glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(root / "train", "*/*")
         if files:
             paths.extend(files[i] for i in rng.choice(len(files), size=min(per_root, len(files)), replace=False))
     return paths

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cxr.data import IMAGE_EXTENSIONS
+from cxr.data import image_files
 from cxr.population import resnet_forward
 from cxr.preprocessing import EvalPreset
 
@@ -42,24 +42,20 @@ class Film:
             return image.size == (224, 224)
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS) \
-        if folder.is_dir() else []
-
-
 def catalog(data_root: Path) -> list[Film]:
     """Every film under `data_root` (multiclass PNEUMONIA, copies of pneumonia/, left out)."""
     films = []
     for split in SPLITS:
         for label in ("NORMAL", "PNEUMONIA"):
             films += [Film(path, "kermany", split, label, "pneumonia")
-                      for path in _images(data_root / "pneumonia" / split / label)]
+                      for path in image_files(data_root / "pneumonia" / split / label)]
         for label in ("NORMAL", "COVID19", "TUBERCULOSIS", "PNEUMONIA"):
             source = MULTICLASS_SOURCES.get(label, "kermany")
             films += [Film(path, source, split, label, "multiclass")
-                      for path in _images(data_root / "multiclass" / split / label)]
+                      for path in image_files(data_root / "multiclass" / split / label)]
     for label in ("NORMAL", "PNEUMONIA"):
-        films += [Film(path, "samples", "test", label, "samples") for path in _images(data_root / "samples" / label)]
+        films += [Film(path, "samples", "test", label, "samples")
+                  for path in image_files(data_root / "samples" / label)]
     return mark_kermany_copies(films)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr.commands import command_parser
-from cxr.data import IMAGE_EXTENSIONS, XrayFolder
+from cxr.data import XrayFolder, image_files
 from cxr.decision import apply_temperature
 from cxr.metrics import classification_report
 from cxr.paths import data_root
@@ -45,7 +45,7 @@ def image_statistics(path: Path) -> np.ndarray:
 def split_statistics(root: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     features, labels = [], []
     for index, name in enumerate(class_names):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(root / name)
         for path in tqdm(files, desc=f"{root.name}/{name}", leave=False):
             features.append(image_statistics(path))
             labels.append(index)
