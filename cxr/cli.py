@@ -116,13 +116,18 @@ def _read(path: Path) -> bytes:
         raise PredictionError(400, f"cannot read file: {error.strerror or error}") from None
 
 
+def _unreachable(error: PredictionError) -> bool:
+    """The client's refusal for a server that did not answer (connection refused after the retries)."""
+    return error.status == 503 and "cannot reach" in error.message
+
+
 def _not_about_the_image(error: PredictionError) -> bool:
-    return error.status == 404 or (error.status == 503 and "cannot reach" in error.message)
+    return error.status == 404 or _unreachable(error)
 
 
 def _explain_failure(client: Client, args: argparse.Namespace, error: PredictionError) -> str:
     """One line for a failure that is not about an image: server down, unknown model."""
-    if error.status == 503 and "cannot reach" in error.message:  # connection refused after the retries
+    if _unreachable(error):
         return f"cxr {args.command}: no TorchServe answers at {args.host} ({error.message}); start it with `make serve`"
     if error.status == 404 and getattr(args, "model", None):
         try:
