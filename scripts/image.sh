@@ -25,14 +25,18 @@ engine() {
     fi
 }
 
+debian_image() {  # NAME PACKAGES: an image of Debian bookworm with PACKAGES, unless NAME exists already
+    if engine image inspect "$1" >/dev/null 2>&1; then return; fi
+    echo "building $1 from Debian's packages ($2, mmdebstrap)"
+    local tar
+    tar=$(mktemp --suffix=.tar)
+    mmdebstrap --variant=minbase --include="$2" bookworm "$tar"
+    engine import "$tar" "$1"
+    rm -f "$tar"
+}
+
 build() {
-    if ! engine image exists "$BASE" 2>/dev/null && ! engine image inspect "$BASE" >/dev/null 2>&1; then
-        echo "building the base image $BASE from Debian's packages (mmdebstrap)"
-        tar=$(mktemp --suffix=.tar)
-        mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$tar"
-        engine import "$tar" "$BASE"
-        rm -f "$tar"
-    fi
+    debian_image "$BASE" python3,python3-venv,ca-certificates
     # This machine's package mirrors and CA bundle, when it has them (pip.conf's find-links / extra-index-url).
     mounts=() args=()
     for dir in /opt/pypi /opt/pypi-more /opt/wheels; do
@@ -67,15 +71,6 @@ compose() {
     fi
 }
 
-prometheus_image() {
-    if engine image inspect localhost/cxr-prometheus:bookworm >/dev/null 2>&1; then return; fi
-    echo "building localhost/cxr-prometheus:bookworm from Debian's prometheus package (mmdebstrap)"
-    tar=$(mktemp --suffix=.tar)
-    mmdebstrap --variant=minbase --include=prometheus,ca-certificates bookworm "$tar"
-    engine import "$tar" localhost/cxr-prometheus:bookworm
-    rm -f "$tar"
-}
-
 up() {
     down >/dev/null 2>&1 || true
     run_dir
@@ -94,7 +89,11 @@ case "${1:-}" in
     build) build ;;
     up) up ;;
     down) down ;;
-    compose-up) down >/dev/null 2>&1 || true; run_dir; prometheus_image; compose up -d ;;
+    compose-up)
+        down >/dev/null 2>&1 || true
+        run_dir
+        debian_image localhost/cxr-prometheus:bookworm prometheus,ca-certificates
+        compose up -d ;;
     compose-down) compose down ;;
     *) echo "usage: $0 build | up | down | compose-up | compose-down" >&2; exit 2 ;;
 esac
