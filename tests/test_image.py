@@ -119,8 +119,10 @@ def test_compose_serves_with_prometheus_scraping(served):
         keys = wait_healthy()
         for path in sorted(EXAMPLE_XRAYS.rglob("*.jpeg"))[:3]:
             assert predict(keys, path.read_bytes())[0] == 200
+        # The worker's counts reach the metrics port, and then a scrape, a little later: poll until all three
+        # predictions are in (or two minutes have passed), not only until a first series appears.
         deadline, series = time.monotonic() + 120, []
-        while not series and time.monotonic() < deadline:
+        while sum(float(entry["value"][1]) for entry in series) < 3 and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen("http://127.0.0.1:19090/api/v1/query?query=CxrPredictions",
                                             timeout=5) as response:
