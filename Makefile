@@ -120,8 +120,8 @@ population: setup
 	$(PY) -m training.fit_population --checkpoint $(CHECKPOINT) --name $(NAME) \
 		--output runs/population-$(NAME)/model.pt --report-dir $(REPORTS)/population
 
-# Export any checkpoint (TorchScript / ONNX / int8, each checked against eager); THRESHOLD=0.5 embeds another
-# operating point in every exported file without touching the checkpoint.
+# Export any checkpoint (TorchScript / ONNX / int8 / AOTInductor, each checked against eager); THRESHOLD=0.5
+# embeds another operating point in every exported file without touching the checkpoint.
 export: setup
 	@scripts/system-deps.sh compiler
 	$(PY) -m export --checkpoint $(CHECKPOINT) --data $(or $(DATA),$(DATA_$(NAME)),$(DATA_pneumonia)) \
@@ -154,7 +154,8 @@ loadtest: setup
 	$(PY) -m loadtest.run --duration $(or $(DURATION),60) --users $(or $(USERS),8) --spawn-rate $(or $(SPAWN),8) \
 		--protocol $(or $(PROTOCOL),rest) --model $(NAME)
 
-# The benchmark matrix (model-only, TorchServe end to end, naive FastAPI baseline) -> $(REPORTS)/benchmarks.md.
+# The benchmark matrix (model-only, TorchServe end to end, the naive FastAPI and LitServe baselines)
+# -> $(REPORTS)/benchmarks.md; on a CUDA host also the GPU model-only rows -> $(REPORTS)/gpu_bench.md.
 bench: setup model_store/pneumonia.mar
 	$(PY) -m loadtest.bench --export-dir runs/export-pneumonia --output $(REPORTS)/benchmarks.md $(BENCH_ARGS)
 	@if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
