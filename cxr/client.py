@@ -175,10 +175,11 @@ class Client:
                     pass
         return described
 
-    def register(self, archive: str, model: str, initial_workers: int = 1) -> Any:
-        """Register an archive of the model store (by file name) and wait until its workers are up."""
+    def register(self, archive: str, model: str, initial_workers: int = 1, wait: bool = True) -> Any:
+        """Register an archive of the model store (by file name); with `wait`, return once its workers are up
+        (else at once: cxr.server.wait_ready can wait longer than one call's timeout)."""
         query = urllib.parse.urlencode({"url": archive, "model_name": model, "initial_workers": initial_workers,
-                                        "synchronous": "true"})
+                                        "synchronous": "true" if wait else "false"})
         return self._rest(f"/models?{query}", b"", api="management", method="POST")
 
     def set_default(self, model: str, version: str) -> Any:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from cxr import cli, server
+from cxr.client import Client as CxrClient
 from cxr.paths import data_root
 from cxr.server import free_ports
 from cxr.variants import VARIANTS
@@ -73,12 +74,11 @@ def archive(export_dir: Path, store: Path, config: Path, *options: str) -> None:
 
 def register(ports: dict[str, int], keys: dict[str, str], name: str, archive_name: str) -> None:
     """Register an archive from the store with one worker, without waiting for it (wait_ready does)."""
-    query = urllib.parse.urlencode({"url": archive_name, "model_name": name, "initial_workers": 1,
-                                    "synchronous": "false"})
-    request = urllib.request.Request(f"http://127.0.0.1:{ports['management']}/models?{query}", method="POST",
-                                     headers={"Authorization": f"Bearer {keys['management']}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        response.read()
+    client = CxrClient(keys, ports=ports, timeout=60, retries=0)
+    try:
+        client.register(archive_name, name, wait=False)
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
