@@ -25,6 +25,7 @@ COPY requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY cxr/ cxr/
+COPY cxr_core/ cxr_core/
 COPY handlers/ handlers/
 COPY export/ export/
 COPY models/ models/

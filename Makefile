@@ -24,7 +24,7 @@ THRESHOLD ?=
 DATA_pneumonia := $(CXR_DATA)/pneumonia
 DATA_cxr4 := $(CXR_DATA)/multiclass
 GATE := models/gate/ood_gate.pt
-ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr/*.py)
+ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr_core/*.py)
 # Reports of commands that measure go here; `REPORTS=docs` refreshes the committed ones on purpose.
 REPORTS ?= runs/reports
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from cxr.paths import data_root
-from cxr.preprocessing import EvalPreset, InvalidImageError, TrainPreset, load_image
+from cxr_core.preprocessing import EvalPreset, InvalidImageError, TrainPreset, load_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -35,10 +35,10 @@ from urllib.parse import parse_qs, urlparse
 
 from cxr.client import Client, PredictionError
 from cxr.commands import command_parser
-from cxr.inputs import RequestError, decode_image
 from cxr.paths import samples_dir
-from cxr.preprocessing import load_image
 from cxr.server import read_key_file
+from cxr_core.policy import Refusal, decode_image, lift_pillow_pixel_limit
+from cxr_core.preprocessing import load_image
 
 STATIC = Path(__file__).resolve().parent / "demo_static"
 REPO = Path(__file__).resolve().parent.parent
@@ -54,11 +54,11 @@ SECURITY_HEADERS = {
 
 
 def preview_png(data: bytes, size: int = 512) -> str | None:
-    """Base64 PNG of the image as the handler decodes it (cxr.inputs.decode_image, DICOM included), at most
+    """Base64 PNG of the image as the handler decodes it (cxr_core.policy.decode_image, DICOM included), at most
     `size` px; None if it does not decode."""
     try:
         image, _ = decode_image(data, load_image, MAX_UPLOAD)
-    except RequestError:
+    except Refusal:
         return None
     image.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -216,6 +216,7 @@ class BoundedServer(ThreadingHTTPServer):
 
 
 def make_server(port: int, demo: Demo) -> ThreadingHTTPServer:
+    lift_pillow_pixel_limit()  # previews decode as the handler does
     server = BoundedServer(("127.0.0.1", port), Handler)
     server.RequestHandlerClass = type("BoundHandler", (Handler,), {"demo": demo, "port": server.server_port})
     return server

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.decision import apply_temperature, predict_labels
+from cxr_core.decision import apply_temperature, predict_labels
 
 # What a checkpoint records about each split it was scored on (training/calibrate.py).
 HEADLINE_KEYS = ("n", "roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1",

@@ -4,7 +4,7 @@
 
 Checks run on real validation images: fp32 variants must match eager within --tolerance in probability with
 identical labels; int8 must keep --int8-min-agreement label agreement and lose at most --int8-max-auc-drop
-AUC. A model with a population check (cxr.population) exports it as a second output, checked the same way:
+AUC. A model with a population check (cxr_core.population) exports it as a second output, checked the same way:
 fp32 score within --tolerance x its limit with identical inside/outside decisions, int8 decisions agreeing
 on at least --int8-min-agreement of the images. A file is only left in --output-dir when its check passed;
 a failed check exits non-zero with the numbers.
@@ -24,8 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cxr.backends import load_backend
-from cxr.checkpoint import (
+from cxr.commands import command_parser
+from cxr.data import XrayFolder, resolve_data_root
+from cxr.metrics import roc_auc
+from cxr.paths import EXAMPLE_XRAYS
+from cxr.timing import images_per_second
+from cxr_core.backends import load_backend
+from cxr_core.checkpoint import (
     ServingConfig,
     load_checkpoint,
     model_from_checkpoint,
@@ -33,14 +38,9 @@ from cxr.checkpoint import (
     serving_config,
     write_checkpoint,
 )
-from cxr.commands import command_parser
-from cxr.data import XrayFolder, resolve_data_root
-from cxr.metrics import roc_auc
-from cxr.paths import EXAMPLE_XRAYS
-from cxr.population import CHECKPOINT_KEY, CheckedModel
-from cxr.preprocessing import EvalPreset
-from cxr.timing import images_per_second
-from cxr.variants import EXPORTED, VARIANTS
+from cxr_core.population import CHECKPOINT_KEY, CheckedModel, outside
+from cxr_core.preprocessing import EvalPreset
+from cxr_core.variants import EXPORTED, VARIANTS
 from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
 
 
@@ -71,7 +71,7 @@ def population_parity(reference: np.ndarray | None, candidate: np.ndarray | None
     if candidate is None:
         return {"population_diff": float("inf"), "population_agreement": 0.0}
     return {"population_diff": float(np.abs(reference - candidate).max() / limit),
-            "population_agreement": float(((reference <= limit) == (candidate <= limit)).mean())}
+            "population_agreement": float((outside(reference, limit) == outside(candidate, limit)).mean())}
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, config: dict[str, Any]) -> dict:

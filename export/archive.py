@@ -1,4 +1,4 @@
-"""Package exported model files as TorchServe archives with our handler and the shared `cxr` code.
+"""Package exported model files as TorchServe archives with our handler and the `cxr_core` package.
 
     python -m export.archive --export-dir runs/export-pneumonia --model-store model_store --default onnx
 
@@ -6,14 +6,13 @@ Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant) 
 adds `-<version>` to each file name (`pneumonia-2.0.mar`), so a new version never overwrites the one serving and
 `cxr deploy pneumonia-2.0.mar` takes it as it is. Each archive holds the model
 file (which embeds its class names, preprocessing and threshold), handlers/cxr_handler.py,
-handlers/model-config.yaml, the serving part of the `cxr` package (so train and serve share one preprocessing)
-and the out-of-distribution gate (`models/gate/ood_gate.pt`).
+handlers/model-config.yaml, the `cxr_core` package (so train and serve share one preprocessing) and the
+out-of-distribution gate (`models/gate/ood_gate.pt`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import shutil
 import subprocess
@@ -24,10 +23,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cxr.commands import command_parser
-from cxr.variants import VARIANTS
+from cxr_core.gate import GATE_FILE
+from cxr_core.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "cxr_handler.py"
+CORE = REPO / "cxr_core"
 DEFAULT_GATE = REPO / "models" / "gate" / "ood_gate.pt"
 DEFAULT_MODEL_CONFIG = REPO / "handlers" / "model-config.yaml"
 
@@ -52,33 +53,19 @@ def fastest_exact_variant(export_dir: Path) -> str:
     return max(candidates, key=lambda variant: candidates[variant]["cpu_images_per_s_b8"])
 
 
-def serving_modules(entry: Path = HANDLER) -> list[str]:
-    """The `cxr` modules the handler imports, directly or through each other (read from their import lines,
-    nothing executed): what an archive must carry, and nothing of training, data or reporting."""
-    found, pending = {"__init__"}, [entry]
-    while pending:
-        tree = ast.parse(pending.pop().read_text())
-        for node in ast.walk(tree):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                module = name.split(".")[1] if name.startswith("cxr.") else None
-                if module and module not in found:
-                    found.add(module)
-                    pending.append(REPO / "cxr" / f"{module}.py")
-    return sorted(f"{module}.py" for module in found)
+def serving_modules() -> list[str]:
+    """The files of the `cxr_core` package: what every archive carries beside the handler and the model."""
+    return sorted(path.name for path in CORE.glob("*.py"))
 
 
 def stage_serving_code(folder: Path, gate: Path | None = None) -> Path:
-    """A folder holding `cxr/` with just the modules the handler imports (no training code), and the
-    out-of-distribution gate's checkpoint when one is given."""
-    package = folder / "cxr"
+    """A folder holding the `cxr_core` package (no training, data or server code), and the out-of-distribution
+    gate's checkpoint when one is given."""
+    package = folder / CORE.name
     package.mkdir(parents=True)
     for name in serving_modules():
-        shutil.copy2(REPO / "cxr" / name, package / name)
+        shutil.copy2(CORE / name, package / name)
     if gate is not None:
-        from cxr.gate import GATE_FILE
-
         shutil.copy2(gate, folder / GATE_FILE)
     return folder
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from cxr.backends import CONFIG_KEY
+from cxr_core.backends import CONFIG_KEY
 
 
 def example_input(config: dict[str, Any], batch_size: int = 2) -> torch.Tensor:
@@ -43,7 +43,7 @@ ONNX_OPSET = 20
 
 def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: str | os.PathLike) -> Path:
     """Export with a dynamic batch axis at opset ONNX_OPSET, embed the config, run onnx.checker. A model with
-    a population check (cxr.population.CheckedModel) gets a second output, `population`."""
+    a population check (cxr_core.population.CheckedModel) gets a second output, `population`."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     example = example_input(config)
     with torch.no_grad():

@@ -33,11 +33,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from cxr.backends import load_backend
 from cxr.commands import command_parser
-from cxr.preprocessing import EvalPreset
 from cxr.timing import images_per_second
-from cxr.variants import VARIANTS
+from cxr_core.backends import load_backend
+from cxr_core.preprocessing import EvalPreset
+from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
 from export.archive import DEFAULT_MODEL_CONFIG
 from loadtest.bench_report import ratios, write_reports
@@ -79,7 +79,7 @@ def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, 
     """Median ms per stage of one request inside the handler, on each sample: decode, resize + normalise, gate,
     inference (batch 1), JSON. What TorchServe adds (HTTP, frontend, queue, IPC) is the end-to-end latency at
     concurrency 1 minus their sum."""
-    from cxr.gate import OodGate
+    from cxr_core.gate import OodGate
 
     backend = load_backend(export_dir / variant_file, "cpu", threads=threads, spin=spin)
     config = backend.config.preprocessing

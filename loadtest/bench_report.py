@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.report import figure, table
-from cxr.variants import VARIANTS
+from cxr_core.variants import VARIANTS
 from loadtest.bench_server import BenchConfig
 
 

@@ -21,7 +21,7 @@ from cxr import server
 from cxr.client import Client
 from cxr.paths import samples_dir
 from cxr.server import free_ports
-from cxr.variants import VARIANTS
+from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
 from export.archive import DEFAULT_MODEL_CONFIG
 from loadtest.load import Target, closed_loop, open_loop, rss_mb

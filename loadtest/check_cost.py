@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr.backends import OnnxBackend
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
 from cxr.commands import command_parser
 from cxr.paths import samples_dir
-from cxr.population import CHECKPOINT_KEY, CheckedModel
 from cxr.timing import images_per_second
+from cxr_core.backends import OnnxBackend
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
+from cxr_core.population import CHECKPOINT_KEY, CheckedModel
 from export import archive as archive_cli
 from export.exporters import example_input, export_onnx
 from loadtest.bench_server import BenchConfig, BenchServer, build_config_archive, read_payloads

@@ -33,7 +33,7 @@ from PIL import Image
 
 from cxr.commands import command_parser
 from cxr.report import table
-from cxr.variants import VARIANTS
+from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
 from loadtest import hostile
 from loadtest.bench_server import BenchServer, add_server_arguments, read_payloads

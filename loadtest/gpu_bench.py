@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
 from cxr.commands import command_parser
-from cxr.population import CHECKPOINT_KEY, CheckedModel
 from cxr.report import table
 from cxr.timing import images_per_second
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
+from cxr_core.population import CHECKPOINT_KEY, CheckedModel
 
 
 def synchronised(run):

@@ -19,9 +19,9 @@ import os
 import litserve as ls
 import numpy as np
 
-from cxr.backends import CONFIG_KEY
-from cxr.checkpoint import ServingConfig
-from cxr.preprocessing import EvalPreset
+from cxr_core.backends import CONFIG_KEY
+from cxr_core.checkpoint import ServingConfig
+from cxr_core.preprocessing import EvalPreset
 
 
 class XrayAPI(ls.LitAPI):

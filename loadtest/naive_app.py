@@ -15,8 +15,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from PIL import Image
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
-from cxr.preprocessing import EvalPreset
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.preprocessing import EvalPreset
 
 torch.set_num_threads(int(os.environ.get("CXR_THREADS", "2")))
 _checkpoint = load_checkpoint(os.environ.get("CXR_CHECKPOINT", "models/pneumonia/model.pt"))

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr.checkpoint import save_checkpoint
-from cxr.models import build_model
-from cxr.preprocessing import PreprocessConfig
+from cxr_core.checkpoint import ServingConfig, save_checkpoint
+from cxr_core.models import build_model
+from cxr_core.preprocessing import PreprocessConfig
 
 
 class RecordingMetrics:
@@ -57,10 +57,10 @@ def write_tiny_checkpoint(path: Path, arch: str = "resnet18", image_size: int = 
     torch.manual_seed(0)
     model = build_model(arch, len(class_names), 1).eval()
     positive = "PNEUMONIA" if len(class_names) == 2 else None
-    save_checkpoint(path, model, arch=arch, class_names=list(class_names),
-                    preprocessing=PreprocessConfig(image_size=image_size), positive_class=positive,
-                    threshold=threshold if positive else None, metrics={}, train_config={},
-                    data_manifest_sha256="0" * 64, epoch=1)
+    config = ServingConfig(arch=arch, class_names=class_names, positive_class=positive,
+                           threshold=threshold if positive else None,
+                           preprocessing=PreprocessConfig(image_size=image_size))
+    save_checkpoint(path, model, config, metrics={}, train_config={}, data_manifest_sha256="0" * 64, epoch=1)
     return path
 
 
@@ -109,6 +109,7 @@ def make_handler(model_dir: Path, serialized: str = "model.pt", **settings: Any)
     from handlers.cxr_handler import XrayHandler
 
     handler = XrayHandler()
+    settings.setdefault("threads", None)  # keep the test process's own torch thread count
     handler.initialize(FakeContext(model_dir, serialized, settings))
     return handler
 

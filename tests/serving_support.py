@@ -15,7 +15,7 @@ from cxr import cli, server
 from cxr.client import Client as CxrClient
 from cxr.paths import data_root
 from cxr.server import free_ports
-from cxr.variants import VARIANTS
+from cxr_core.variants import VARIANTS
 from export import __main__ as export_cli
 from export import archive as archive_cli
 from tests.handler_support import write_tiny_checkpoint

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from cxr.data import XrayFolder, collate_skip_invalid, discover_classes, manifest_sha256, resolve_data_root
 from cxr.paths import EXAMPLE_XRAYS, REPO, data_root, samples_dir
-from cxr.preprocessing import EvalPreset, PreprocessConfig
+from cxr_core.preprocessing import EvalPreset, PreprocessConfig
 
 
 def make_tree(root, counts=None):

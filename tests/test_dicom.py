@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.preprocessing import InvalidImageError, PreprocessConfig, load_image, preprocess
+from cxr_core.preprocessing import InvalidImageError, PreprocessConfig, load_image, preprocess
 from handlers.cxr_handler import XrayHandler
 from loadtest.hostile import dicom_file
 from tests.handler_support import FakeContext, assert_same_answer, encode, write_tiny_checkpoint

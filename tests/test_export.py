@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cxr.backends import load_backend
+from cxr_core.backends import load_backend
 from export import __main__ as export_cli
 from export import archive
 from tests.handler_support import write_tiny_checkpoint

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.gate import GATE_FILE, GateNet, OodGate, gate_input
+from cxr_core.gate import GATE_FILE, GateNet, OodGate, gate_input
 from tests.conftest import REPO
 from tests.handler_support import encode, make_handler, run, write_tiny_checkpoint
 from training.not_xrays import CATEGORIES, not_xrays, split_of

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config
-from cxr.preprocessing import EvalPreset
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config
+from cxr_core.preprocessing import EvalPreset
 from export.exporters import export_onnx, export_torchscript, quantize_onnx_int8
 from handlers.cxr_handler import XrayHandler
 from tests.handler_support import (

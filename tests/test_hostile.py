@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cxr.gate import GATE_FILE
+from cxr_core.gate import GATE_FILE
 from loadtest.hostile import CASES, corpus, peak_growth_mb, reset_peaks
 from tests.conftest import EXAMPLE_XRAYS, REPO
 from tests.handler_support import make_handler, run

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cxr.decision import apply_temperature, softmax
 from cxr.metrics import (
     average_precision,
     brier_score,
@@ -17,6 +16,7 @@ from cxr.metrics import (
     roc_auc,
     roc_curve,
 )
+from cxr_core.decision import apply_temperature, softmax
 
 
 @pytest.fixture

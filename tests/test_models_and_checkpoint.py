@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, save_checkpoint
-from cxr.models import SUPPORTED_ARCHITECTURES, build_model
-from cxr.preprocessing import PreprocessConfig
+from cxr_core.checkpoint import (
+    ServingConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_config,
+    save_checkpoint,
+)
+from cxr_core.models import SUPPORTED_ARCHITECTURES, build_model
+from cxr_core.preprocessing import PreprocessConfig
 
 
 @torch.no_grad()
@@ -29,12 +35,10 @@ def test_unknown_architecture_is_refused():
 
 
 def _save(path, model, half):
-    return save_checkpoint(
-        path, model, arch="resnet18", class_names=["NORMAL", "PNEUMONIA"],
-        preprocessing=PreprocessConfig(image_size=64), positive_class="PNEUMONIA", threshold=0.42,
-        metrics={"val": {"roc_auc": 0.9}}, train_config={"epochs": 1}, data_manifest_sha256="abc", epoch=3,
-        half=half,
-    )
+    config = ServingConfig(arch="resnet18", class_names=("NORMAL", "PNEUMONIA"), positive_class="PNEUMONIA",
+                           threshold=0.42, preprocessing=PreprocessConfig(image_size=64))
+    return save_checkpoint(path, model, config, metrics={"val": {"roc_auc": 0.9}}, train_config={"epochs": 1},
+                           data_manifest_sha256="abc", epoch=3, half=half)
 
 
 @pytest.mark.parametrize("half", [False, True])

@@ -8,10 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config, serving_config, write_checkpoint
 from cxr.paths import EXAMPLE_XRAYS
-from cxr.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_score, resnet_forward
-from cxr.preprocessing import EvalPreset
+from cxr_core.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_config,
+    serving_config,
+    write_checkpoint,
+)
+from cxr_core.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_score, resnet_forward
+from cxr_core.preprocessing import EvalPreset
 from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
 from tests.handler_support import (
     FakeContext,

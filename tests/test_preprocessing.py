@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from cxr.preprocessing import (
+from cxr_core.preprocessing import (
     MAX_IMAGE_PIXELS,
     EvalPreset,
     InvalidImageError,

@@ -81,7 +81,7 @@ def test_cli_failures_print_their_error_and_exit_non_zero(served, capsys, sample
 def test_dicom_over_rest_and_cli(served, capsys, sample_paths, tmp_path):
     import numpy as np
 
-    from cxr.preprocessing import load_image
+    from cxr_core.preprocessing import load_image
     from loadtest.hostile import dicom_file
 
     pixels = np.asarray(load_image(sample_paths[0]))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cxr.checkpoint import load_checkpoint
+from cxr_core.checkpoint import load_checkpoint
 from tests.conftest import REPO, SHIPPED_MODEL
 from training.evaluate import evaluate_checkpoint
 
@@ -40,9 +40,10 @@ def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, real_samples):
     import numpy as np
     import torch
 
-    from cxr.checkpoint import model_from_checkpoint, preprocess_config
-    from cxr.explain import grad_cam, lung_heat_fraction, lung_prior
-    from cxr.preprocessing import EvalPreset, load_image
+    from cxr.explain import lung_heat_fraction, lung_prior
+    from cxr_core.checkpoint import model_from_checkpoint, preprocess_config
+    from cxr_core.explain import grad_cam
+    from cxr_core.preprocessing import EvalPreset, load_image
 
     model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
     positive = checkpoint["class_names"].index("PNEUMONIA")

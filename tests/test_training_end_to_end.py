@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cxr.checkpoint import load_checkpoint
+from cxr_core.checkpoint import load_checkpoint
 from training import evaluate, train
 
 pytestmark = pytest.mark.slow

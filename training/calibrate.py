@@ -21,10 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from cxr.checkpoint import ServingConfig, load_checkpoint, write_checkpoint
 from cxr.commands import command_parser
 from cxr.data import resolve_data_root
-from cxr.decision import apply_temperature
 from cxr.metrics import (
     HEADLINE_KEYS,
     brier_score,
@@ -36,6 +34,8 @@ from cxr.metrics import (
     reliability_bins,
 )
 from cxr.report import figure, table
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, write_checkpoint
+from cxr_core.decision import apply_temperature
 from training.evaluate import evaluate_checkpoint
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint
 from cxr.commands import command_parser
-from cxr.models import count_parameters
 from cxr.timing import images_per_second
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint
+from cxr_core.models import count_parameters
 
 
 def describe(path: Path, repeats: int) -> dict[str, Any]:

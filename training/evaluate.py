@@ -18,13 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxr.checkpoint import SUMMARY_KEYS, ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr.commands import command_parser
 from cxr.data import XrayFolder, collate_skip_invalid, resolve_data_root
-from cxr.decision import apply_temperature
 from cxr.metrics import classification_report, roc_curve
-from cxr.preprocessing import EvalPreset
 from cxr.report import figure, table
+from cxr_core.checkpoint import SUMMARY_KEYS, ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.decision import apply_temperature
+from cxr_core.preprocessing import EvalPreset
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Train the out-of-distribution gate (`cxr.gate`) and report what it accepts and refuses.
+"""Train the out-of-distribution gate (`cxr_core.gate`) and report what it accepts and refuses.
 
     python -m training.fit_gate --data "$CXR_DATA/pneumonia" --data "$CXR_DATA/multiclass"
 
@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from cxr.commands import command_parser
 from cxr.data import image_files
-from cxr.gate import GateNet, OodGate, gate_input
-from cxr.preprocessing import EvalPreset, PreprocessConfig, load_image
 from cxr.report import table
+from cxr_core.gate import GateNet, OodGate, gate_input
+from cxr_core.preprocessing import EvalPreset, PreprocessConfig, load_image
 from training.not_xrays import CATEGORIES, not_xrays, split_of
 
 # The gate sees the model input; every shipped model uses 128 px with these statistics.
@@ -108,7 +108,7 @@ def score(net: GateNet, images: torch.Tensor) -> np.ndarray:
 
 def measure_latency(gate: OodGate, batch_size: int = 8, repeats: int = 50) -> dict[str, float]:
     """Median ms of the gate and of the shipped classifier on the same 128 px batch, same threads."""
-    from cxr.checkpoint import load_checkpoint, model_from_checkpoint
+    from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint
 
     batch = torch.randn(batch_size, 1, 128, 128)
     model = model_from_checkpoint(load_checkpoint("models/pneumonia/model.pt"))

@@ -1,4 +1,4 @@
-"""Fit a model's population check (cxr.population), choose it on train/val only, report it per source and
+"""Fit a model's population check (cxr_core.population), choose it on train/val only, report it per source and
 split (with leave-one-source-out figures), and write a copy of the checkpoint that carries it.
 
     python -m training.fit_population --checkpoint models/pneumonia/model.pt \\
@@ -23,12 +23,18 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from cxr.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config, write_checkpoint
 from cxr.commands import command_parser
-from cxr.decision import calibrated_probabilities
 from cxr.paths import data_root
-from cxr.population import CHECKPOINT_KEY, TAPS, check_tensors, population_score
-from cxr.preprocessing import EvalPreset
+from cxr_core.checkpoint import (
+    ServingConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_config,
+    write_checkpoint,
+)
+from cxr_core.decision import calibrated_probabilities
+from cxr_core.population import CHECKPOINT_KEY, TAPS, check_tensors, outside, population_score
+from cxr_core.preprocessing import EvalPreset
 from training.population_data import catalog, feature_statistics
 from training.population_report import write_report
 
@@ -96,7 +102,7 @@ def candidates(model: torch.nn.Module, has_others: bool) -> dict[str, tuple[str,
     found = {"gaussian, layer1-4, 64 components": ("gaussian", TAPS, 64),
              "gaussian, layer3-4, 32 components": ("gaussian", ("layer3", "layer4"), 32)}
     if has_others:
-        found = {"logistic, layer2-4, C=1 (the issue's probe)": ("logistic", ("layer2", "layer3", "layer4"), 1.0),
+        found = {"logistic, layer2-4, C=1": ("logistic", ("layer2", "layer3", "layer4"), 1.0),
                  "logistic, layer1-4, C=1": ("logistic", TAPS, 1.0),
                  "logistic, layer1-4, C=0.1": ("logistic", TAPS, 0.1),
                  "logistic, layer1-4, C=0.01": ("logistic", TAPS, 0.01), **found}
@@ -113,7 +119,7 @@ def fit(spec: tuple[str, tuple[str, ...], float], model: torch.nn.Module, own: n
 
 
 def flagged(check: dict[str, Any], features: np.ndarray) -> float:
-    return float((scores(check, features) > check["limit"]).mean()) if len(features) else float("nan")
+    return float(outside(scores(check, features), check["limit"]).mean()) if len(features) else float("nan")
 
 
 def checkpoint_sha256(path: str | Path) -> str:

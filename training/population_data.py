@@ -1,5 +1,5 @@
 """The images a population check is fitted and judged on: every X-ray under the data root, by source and split,
-and the frozen model's feature statistics of each (cxr.population.resnet_forward).
+and the frozen model's feature statistics of each (cxr_core.population.resnet_forward).
 
 Sources: `kermany` (pneumonia/, pediatric, Guangzhou; multiclass/*/PNEUMONIA are copies of it and are left
 out), `samples` (untouched Kermany test originals), and in multiclass/: `crd_normal` (COVID-19 Radiography
@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cxr.data import image_files
-from cxr.population import resnet_forward
-from cxr.preprocessing import EvalPreset
+from cxr_core.population import resnet_forward
+from cxr_core.preprocessing import EvalPreset
 
 SPLITS = ("train", "val", "test")
 MULTICLASS_SOURCES = {"NORMAL": "crd_normal", "COVID19": "crd_covid", "TUBERCULOSIS": "tbx11k"}

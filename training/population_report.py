@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cxr.report import figure, table
+from cxr_core.population import outside
 from training.population_data import Film
 
 SOURCE_NAMES = {
@@ -54,16 +55,16 @@ def write_report(name: str, films: list[Film], scores: np.ndarray, limit: float,
                  report_dir: str | Path) -> dict[str, Any]:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    outside = scores > limit
+    flagged = outside(scores, limit)
     table_rows, by_group = [], {}
     for source, split, label, mask in groups(films):
-        kept = Counter(s for s, m, o in zip(said, mask, outside, strict=True) if m and not o)
+        kept = Counter(s for s, m, o in zip(said, mask, flagged, strict=True) if m and not o)
         own = "own" if is_own(films[int(np.argmax(mask))]) else "other"
         key = f"{source}/{split}" + (f"/{label}" if label else "")
-        by_group[key] = {"films": int(mask.sum()), "flagged": float(outside[mask].mean()), "population": own,
+        by_group[key] = {"films": int(mask.sum()), "flagged": float(flagged[mask].mean()), "population": own,
                          "not_flagged_said": dict(kept)}
         table_rows.append([SOURCE_NAMES[source] + (f", {label}" if label else ""), split, own, int(mask.sum()),
-                           percent(outside[mask].mean()), ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))])
+                           percent(flagged[mask].mean()), ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))])
     methods = [[name_ + (" **(shipped)**" if name_ == chosen else ""), percent(row["own_val"]),
                 *[f"{percent(v['train+val'])} / {percent(v['test'])}" for v in row["loso"].values()]]
                for name_, row in rows.items()]

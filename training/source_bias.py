@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cxr.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr.commands import command_parser
 from cxr.data import XrayFolder, image_files
-from cxr.decision import apply_temperature
 from cxr.metrics import classification_report
 from cxr.paths import data_root
-from cxr.preprocessing import EvalPreset, load_image
 from cxr.report import table
+from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.decision import apply_temperature
+from cxr_core.preprocessing import EvalPreset, load_image
 from training.evaluate import evaluate_checkpoint, predict_dataset
 
 

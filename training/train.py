@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cxr.checkpoint import SUMMARY_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
 from cxr.commands import command_parser
 from cxr.data import XrayFolder, collate_skip_invalid, manifest_sha256, resolve_data_root
 from cxr.metrics import roc_auc
-from cxr.models import SUPPORTED_ARCHITECTURES, build_model, count_parameters
-from cxr.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
 from cxr.report import figure
+from cxr_core.checkpoint import SUMMARY_KEYS, ServingConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from cxr_core.models import SUPPORTED_ARCHITECTURES, build_model, count_parameters
+from cxr_core.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
 from training.calibrate import calibrate
 from training.evaluate import predict_dataset, write_report
 
@@ -211,8 +212,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     train_config = {key: value for key, value in vars(args).items()}
-    common = dict(arch=args.arch, class_names=class_names, preprocessing=preprocessing,
-                  positive_class=positive_class, train_config=train_config, data_manifest_sha256=data_hash)
+    config = ServingConfig(arch=args.arch, class_names=tuple(class_names), positive_class=positive_class,
+                           threshold=None, preprocessing=preprocessing)
+    common = dict(train_config=train_config, data_manifest_sha256=data_hash)
 
     start_epoch, best_auc, stale, history = 1, -1.0, 0, []
     if args.resume:
@@ -249,12 +251,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if tracker:
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         if improved:
-            save_checkpoint(output_dir / "best.pt", model, threshold=None, metrics={"val_auc": best_auc},
-                            epoch=epoch, **common)
+            save_checkpoint(output_dir / "best.pt", model, config, metrics={"val_auc": best_auc}, epoch=epoch,
+                            **common)
         training_state = {"optimizer": optimizer.state_dict(), "best_auc": best_auc, "stale_epochs": stale,
                           "history": history, "torch_rng": torch.get_rng_state()}
-        save_checkpoint(output_dir / "last.pt", model, threshold=None, metrics={"val_auc": row["val_auc"]},
-                        epoch=epoch, training_state=training_state, **common)
+        save_checkpoint(output_dir / "last.pt", model, config, metrics={"val_auc": row["val_auc"]}, epoch=epoch,
+                        training_state=training_state, **common)
         if stale >= args.patience:
             print(f"early stop: no better val AUC for {stale} epochs")
             break
@@ -277,8 +279,9 @@ def finalize(args: argparse.Namespace, output_dir: Path, data_root: Path, common
         write_report(report, labels, probabilities, best["class_names"], output_dir / "reports", split)
     calibrated = calibration.apply(best)
     metrics, threshold, temperature = calibrated["metrics"], calibrated["threshold"], calibrated["temperature"]
-    save_checkpoint(output_dir / "model.pt", model_from_checkpoint(best), threshold=threshold, metrics=metrics,
-                    temperature=temperature, epoch=best["epoch"], half=args.half_checkpoint, **common)
+    config = replace(ServingConfig.from_checkpoint(best), threshold=threshold, temperature=temperature)
+    save_checkpoint(output_dir / "model.pt", model_from_checkpoint(best), config, metrics=metrics,
+                    epoch=best["epoch"], half=args.half_checkpoint, **common)
     (output_dir / "metrics.json").write_text(json.dumps({"threshold": threshold, "temperature": temperature,
                                                          "best_epoch": best["epoch"], **metrics}, indent=2) + "\n")
     shown = ("n", *SUMMARY_KEYS, "ece")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.decision import predict_labels
-from cxr.models import build_model
-from cxr.population import PopulationSettings, settings_of
-from cxr.preprocessing import PreprocessConfig
+from cxr_core.decision import predict_labels
+from cxr_core.models import build_model
+from cxr_core.population import CHECKPOINT_KEY, PopulationSettings
+from cxr_core.preprocessing import PreprocessConfig
 
 FORMAT_VERSION = 1
 
@@ -29,33 +29,27 @@ FORMAT_VERSION = 1
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
+    config: ServingConfig,
     *,
-    arch: str,
-    class_names: list[str],
-    preprocessing: PreprocessConfig,
-    positive_class: str | None,
-    threshold: float | None,
     metrics: dict[str, Any],
-    temperature: float = 1.0,
     train_config: dict[str, Any],
     data_manifest_sha256: str,
     epoch: int,
     half: bool = False,
     training_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a self-describing checkpoint; `half=True` stores floating weights as fp16 (halves the size)."""
+    """Write a self-describing checkpoint: the weights, the serving config's fields as top-level keys, metrics
+    and provenance; `half=True` stores floating weights as fp16 (halves the size). A population check is added
+    by its fitting (training/fit_population.py), tensors and all, under `population_check`."""
     state_dict = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
     if half:
         state_dict = {name: t.half() if t.is_floating_point() else t for name, t in state_dict.items()}
+    served = config.to_dict()
+    served.pop("population")
     checkpoint = {
         "format_version": FORMAT_VERSION,
-        "arch": arch,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "positive_class": positive_class,
-        "preprocessing": preprocessing.to_dict(),
-        "threshold": None if threshold is None else float(threshold),
-        "temperature": float(temperature),
+        "num_classes": len(config.class_names),
+        **served,
         "metrics": metrics,
         "train_config": train_config,
         "data_manifest_sha256": data_manifest_sha256,
@@ -118,48 +112,47 @@ def git_commit() -> str:
 
 # The few figures embedded in exported files (and printed after training and evaluation).
 SUMMARY_KEYS = ("roc_auc", "macro_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
-SERVING_KEYS = ("arch", "class_names", "positive_class", "threshold", "preprocessing", "data_manifest_sha256",
-                "git_commit", "created")
-
-
-def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """What a served model needs about itself, as the plain dict embedded in TorchScript and ONNX files so they
-    stand alone (`ServingConfig.from_dict` reads it back)."""
-    config = {key: checkpoint.get(key) for key in SERVING_KEYS}  # provenance may be absent mid-training
-    config["temperature"] = float(checkpoint.get("temperature", 1.0))  # 1.0: checkpoints from before calibration
-    config["metrics"] = {
-        split: {key: values[key] for key in SUMMARY_KEYS if key in values}
-        for split, values in checkpoint.get("metrics", {}).items() if isinstance(values, dict)
-    }
-    config["population"] = settings_of(checkpoint)  # None: no population check was fitted
-    return config
+PROVENANCE_KEYS = ("data_manifest_sha256", "git_commit", "created")
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """The one typed view of a model's serving config, whichever file it came from: classes, the positive
-    class (two-class models; None decides by argmax), threshold, temperature, preprocessing and the
-    population check's settings (None when the model has none)."""
+    """Everything a served model needs about itself, whichever file it came from: classes, the positive class
+    (two-class models; None decides by argmax), threshold, temperature, preprocessing and the population
+    check's settings (None when the model has none). Its fields are the checkpoint's top-level keys of the
+    same names (the check's settings are read off `population_check`), and the JSON embedded in every
+    exported file: a new served field is a new field here, nothing else."""
 
     arch: str
     class_names: tuple[str, ...]
     positive_class: str | None
     threshold: float | None
-    temperature: float
     preprocessing: PreprocessConfig
+    temperature: float = 1.0
     population: PopulationSettings | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: what exported files embed and checkpoints store."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        values.update(class_names=list(self.class_names), temperature=float(self.temperature),
+                      threshold=None if self.threshold is None else float(self.threshold),
+                      preprocessing=self.preprocessing.to_dict(),
+                      population=None if self.population is None else self.population.to_dict())
+        return values
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> ServingConfig:
-        return cls(arch=config["arch"], class_names=tuple(config["class_names"]),
-                   positive_class=config.get("positive_class"), threshold=config.get("threshold"),
-                   temperature=float(config.get("temperature", 1.0)),
-                   preprocessing=PreprocessConfig.from_dict(config["preprocessing"]),
-                   population=PopulationSettings.from_dict(config.get("population")))
+        """From the JSON embedded in an exported file (keys other than the fields, e.g. provenance, ignored)."""
+        values = {field.name: config[field.name] for field in fields(cls) if field.name in config}
+        values.update(class_names=tuple(config["class_names"]),
+                      temperature=float(config.get("temperature", 1.0)),
+                      preprocessing=PreprocessConfig.from_dict(config["preprocessing"]),
+                      population=PopulationSettings.from_dict(config.get("population")))
+        return cls(**values)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ServingConfig:
-        return cls.from_dict(serving_config(checkpoint))
+        return cls.from_dict({**checkpoint, "population": checkpoint.get(CHECKPOINT_KEY)})
 
     @property
     def positive_index(self) -> int | None:
@@ -168,3 +161,15 @@ class ServingConfig:
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices: p(positive) >= threshold for a two-class model with a threshold, else argmax."""
         return predict_labels(probabilities, self.positive_index, self.threshold)
+
+
+def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The JSON embedded in TorchScript, ONNX and AOTInductor files so they stand alone: the serving config,
+    the checkpoint's provenance (absent mid-training) and its summary figures."""
+    config = ServingConfig.from_checkpoint(checkpoint).to_dict()
+    config.update({key: checkpoint.get(key) for key in PROVENANCE_KEYS})
+    config["metrics"] = {
+        split: {key: values[key] for key in SUMMARY_KEYS if key in values}
+        for split, values in checkpoint.get("metrics", {}).items() if isinstance(values, dict)
+    }
+    return config

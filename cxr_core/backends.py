@@ -2,7 +2,7 @@
 (`.onnx`, fp32 or int8) and AOTInductor packages (`.pt2`). Each file carries its own serving config (class
 names, preprocessing, threshold), so the handler needs nothing but the file. `run` takes a preprocessed float
 batch and returns calibrated softmax probabilities (logits divided by the checkpoint's fitted temperature)
-and the population check's scores (None for a model without one: cxr.population), as NumPy arrays;
+and the population check's scores (None for a model without one: cxr_core.population), as NumPy arrays;
 `predict` only the probabilities.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, serving_config
-from cxr.decision import calibrated_probabilities
-from cxr.population import CHECKPOINT_KEY, CheckedModel
-from cxr.variants import variant_of
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint
+from cxr_core.decision import calibrated_probabilities
+from cxr_core.population import CHECKPOINT_KEY, CheckedModel
+from cxr_core.variants import variant_of
 
 CONFIG_KEY = "cxr_config.json"
 
@@ -51,7 +51,7 @@ class TorchBackend(Backend):
     classifier (Grad-CAM hooks it); `network` what runs: the classifier fused with its population check when
     `check` is given (an exported TorchScript module already returns both)."""
 
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any], device: str = "cpu", half: bool = False,
+    def __init__(self, model: torch.nn.Module, config: ServingConfig, device: str = "cpu", half: bool = False,
                  name: str = "eager", check: dict[str, Any] | None = None) -> None:
         self.device = torch.device(device)
         self.half = half and self.device.type == "cuda"
@@ -59,7 +59,7 @@ class TorchBackend(Backend):
         self.network = CheckedModel(self.model, check).to(self.device).eval() if check else self.model
         if self.half:
             self.network = self.network.half()
-        self.config = ServingConfig.from_dict(config)
+        self.config = config
         self.name = name
 
     def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
@@ -129,7 +129,7 @@ class AotiBackend(Backend):
 
 def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
                  half: bool = False, spin: bool = True) -> Backend:
-    """Pick the runtime from the file name (`cxr.variants`): ONNX Runtime, TorchScript or the checkpoint."""
+    """Pick the runtime from the file name (`cxr_core.variants`): ONNX Runtime, TorchScript or the checkpoint."""
     path = Path(path)
     variant = variant_of(path)
     if threads and device == "cpu":
@@ -143,7 +143,8 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int |
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
         if not extra_files[CONFIG_KEY]:
             raise ValueError(f"{path}: TorchScript file has no {CONFIG_KEY} (export it with `python -m export`)")
-        return TorchBackend(module, json.loads(extra_files[CONFIG_KEY]), device, half, name=variant.label)
+        return TorchBackend(module, ServingConfig.from_dict(json.loads(extra_files[CONFIG_KEY])), device, half,
+                            name=variant.label)
     checkpoint = load_checkpoint(path)
-    return TorchBackend(model_from_checkpoint(checkpoint), serving_config(checkpoint), device, half,
+    return TorchBackend(model_from_checkpoint(checkpoint), ServingConfig.from_checkpoint(checkpoint), device, half,
                         check=checkpoint.get(CHECKPOINT_KEY))

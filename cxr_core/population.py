@@ -1,6 +1,6 @@
 """The population check: is this X-ray like the ones the model was trained on?
 
-The gate (cxr.gate) refuses what is not a chest X-ray; this check flags chest X-rays from outside the model's
+The gate (cxr_core.gate) refuses what is not a chest X-ray; this check flags chest X-rays from outside the model's
 training population (another hospital, another age group, another kind of film), on which a model answers as
 confidently as on its own films and is often wrong. It reads the model's own feature maps: the mean and
 standard deviation of every channel after each ResNet stage (`TAPS`), standardised (`center`, `scale`), then
@@ -9,7 +9,8 @@ standard deviation of every channel after each ResNet stage (`TAPS`), standardis
   - `gaussian`: mean squared whitened principal components (a one-class distance, for a model that has no
     other source to be told apart from).
 
-A score above `limit` is outside. `CheckedModel` fuses it into the model's graph (`forward -> (logits,
+A score above `limit` is outside (`outside`: the one rule, for fitting, reports, export checks and serving).
+`CheckedModel` fuses it into the model's graph (`forward -> (logits,
 population)`), so TorchScript, ONNX and int8 carry it as a second output and it costs one pass. The fitted
 tensors travel in the checkpoint under `population_check`; the settings (`PopulationSettings`) in the serving
 config embedded in every exported file. Fitting: training/fit_population.py.
@@ -17,17 +18,16 @@ config embedded in every exported file. Fitting: training/fit_population.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 CHECKPOINT_KEY = "population_check"
 TAPS = ("layer1", "layer2", "layer3", "layer4")
 KINDS = ("logistic", "gaussian")
-# Handler setting `population_check`: refuse (422), warn (200 with inside: false), off (not computed).
-MODES = ("refuse", "warn", "off")
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,21 @@ class PopulationSettings:
     model_card: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "limit": self.limit, "intended_population": self.intended_population,
-                "model_card": self.model_card}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PopulationSettings | None:
+        """The settings from an exported file's config, or from a checkpoint's fitted check (which also holds
+        its tensors and fit report); None for a model without a check."""
         if not values:
             return None
         return cls(kind=values["kind"], limit=float(values["limit"]),
                    intended_population=values["intended_population"], model_card=values["model_card"])
+
+
+def outside(scores: float | np.ndarray, limit: float) -> bool | np.ndarray:
+    """Whether each score is outside the population: above the limit (the limit itself is inside)."""
+    return np.asarray(scores) > limit
 
 
 def channel_statistics(feature_map: torch.Tensor) -> torch.Tensor:
@@ -106,20 +112,11 @@ class CheckedModel(nn.Module):
         return logits, population_score(features, self.center, self.scale, self.weights, self.bias, self.kind)
 
 
-def settings_of(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The check's settings (no tensors) for the serving config, or None for a checkpoint without one."""
-    check = checkpoint.get(CHECKPOINT_KEY)
-    if not check:
-        return None
-    return PopulationSettings(check["kind"], float(check["limit"]), check["intended_population"],
-                              check["model_card"]).to_dict()
-
-
 def verdict(score: float | None, settings: PopulationSettings | None, mode: str) -> dict[str, Any]:
-    """The `population` field of an answer."""
+    """The `population` field of an answer; `mode` is the handler's population_check setting."""
     if settings is None:
         return {"inside": None, "check": "absent"}
     if mode == "off" or score is None:
         return {"inside": None, "check": "off"}
-    return {"inside": bool(score <= settings.limit), "score": round(float(score), 4),
+    return {"inside": not outside(score, settings.limit), "score": round(float(score), 4),
             "limit": round(settings.limit, 4), "check": settings.kind}

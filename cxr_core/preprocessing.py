@@ -28,7 +28,6 @@ MAX_IMAGE_PIXELS = 36_000_000
 MAX_DECODED_BYTES = 80_000_000
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
                     "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}  # anything else: 4
-Image.MAX_IMAGE_PIXELS = None
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 # Codecs refused before any pixel is decoded: Pillow decodes RLE BMPs in Python (16 small ones kept a worker busy
 # past its 60 s response timeout); the deflated DICOM transfer syntax inflates the whole file before any size
@@ -63,7 +62,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessConfig:
         values = dict(values)
-        values.pop("extra", None)  # an always-empty field that checkpoints written before 2026-11-26 carry
+        values.pop("extra", None)  # an always-empty field that some shipped checkpoints carry
         values["mean"] = tuple(values["mean"])
         values["std"] = tuple(values["std"])
         return cls(**values)
@@ -91,6 +90,8 @@ def load_image(source: bytes | bytearray | str | os.PathLike | Image.Image, min_
             stream = source
         try:
             image = Image.open(stream)
+        except Image.DecompressionBombError as error:  # Pillow's own limit, where a server has not lifted it
+            raise InvalidImageError(f"image too large: {error}", "too_large") from error
         except UnidentifiedImageError as error:
             raise InvalidImageError("not an image: the bytes are not in a format Pillow can decode",
                                     "not_an_image") from error
