@@ -27,6 +27,13 @@ CONFIG_KEY = "cxr_config.json"
 Prediction = tuple[np.ndarray, np.ndarray | None]  # (probabilities, population scores or None)
 
 
+def embedded_config(metadata: dict[str, str], path: str | os.PathLike, kind: str) -> ServingConfig:
+    """The serving config an exported file carries in its metadata (`python -m export` writes it)."""
+    if CONFIG_KEY not in metadata:
+        raise ValueError(f"{path}: {kind} has no {CONFIG_KEY} metadata (export it with `python -m export`)")
+    return ServingConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+
+
 def _prediction(output: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor], temperature: float
                 ) -> Prediction:
     """A torch model's output (logits, or logits and population scores) as the backends answer it."""
@@ -90,10 +97,7 @@ class OnnxBackend(Backend):
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if CONFIG_KEY not in metadata:
-            raise ValueError(f"{path}: ONNX file has no {CONFIG_KEY} metadata (export it with `python -m export`)")
-        self.config = ServingConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        self.config = embedded_config(self.session.get_modelmeta().custom_metadata_map, path, "ONNX file")
         self.name = name
         self.providers = self.session.get_providers()
 
@@ -114,10 +118,7 @@ class AotiBackend(Backend):
         self.device = torch.device(device)
         index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
         self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
-        metadata = self.runner.get_metadata()
-        if CONFIG_KEY not in metadata:
-            raise ValueError(f"{path}: AOTInductor package has no {CONFIG_KEY} (export it with `python -m export`)")
-        self.config = ServingConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        self.config = embedded_config(self.runner.get_metadata(), path, "AOTInductor package")
         self.name = name
 
     def run(self, batch: torch.Tensor | np.ndarray) -> Prediction:
@@ -141,10 +142,8 @@ def load_backend(path: str | os.PathLike, device: str = "cpu", *, threads: int |
     if variant.name == "ts":
         extra_files = {CONFIG_KEY: ""}
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra_files)
-        if not extra_files[CONFIG_KEY]:
-            raise ValueError(f"{path}: TorchScript file has no {CONFIG_KEY} (export it with `python -m export`)")
-        return TorchBackend(module, ServingConfig.from_dict(json.loads(extra_files[CONFIG_KEY])), device, half,
-                            name=variant.label)
+        config = embedded_config({key: text for key, text in extra_files.items() if text}, path, "TorchScript file")
+        return TorchBackend(module, config, device, half, name=variant.label)
     checkpoint = load_checkpoint(path)
     return TorchBackend(model_from_checkpoint(checkpoint), ServingConfig.from_checkpoint(checkpoint), device, half,
                         check=checkpoint.get(CHECKPOINT_KEY))

@@ -40,39 +40,36 @@ class Rule:
     status: int
     reason: str  # the CxrRejected metric's Reason label
     refuses: str  # what it refuses, in words
-    setting: str = ""  # the handler setting (model-config.yaml) that sets its limit, if any
+    setting: str  # the handler setting (model-config.yaml) that sets its limit; "" when fixed in code
 
 
-RULES = (
-    Rule("form_data", 415, "form_data", "a body sent as form data (Content-Type "
-         "application/x-www-form-urlencoded)"),
-    Rule("empty", 400, "empty", "a request without image bytes"),
-    Rule("base64", 400, "bad_base64", "a text body that is not base64"),
-    Rule("request_shape", 400, "bad_request", "JSON without an image, a list of numbers, any other unreadable body"),
-    Rule("image_count", 413, "too_large", "more images in one request than allowed", "max_images_per_request"),
-    Rule("decode_time", 413, "too_slow", "a request still decoding past its time budget (checked before each "
-         "image)", "max_request_seconds"),
-    Rule("image_bytes", 413, "too_large", "an image file over the size limit (the frontend caps the body at "
-         "16 MiB)", "max_image_bytes"),
-    Rule("format", 415, "unsupported_type", "formats other than JPEG, PNG, TIFF, BMP, WebP and DICOM"),
-    Rule("pixel_budget", 413, "too_large", "more pixels than the request has left, read off each header before "
-         "decoding", "max_request_pixels"),
-    Rule("codec", 415, "unsupported_type", "RLE-compressed BMP (decoded in Python), deflated DICOM (inflated "
-         "whole) and multi-frame DICOM"),
-    Rule("image_pixels", 413, "too_large", f"over {MAX_IMAGE_PIXELS // 1_000_000} Mpx, or over "
-         f"{MAX_DECODED_BYTES // 1_000_000} MB of decoded pixels (16-bit grey 36 Mpx, 32-bit 20 Mpx)"),
-    Rule("not_an_image", 400, "not_an_image", "bytes no decoder reads as an image, DICOM without pixel data"),
-    Rule("truncated", 400, "truncated", "truncated or corrupt image data"),
-    Rule("unreadable", 400, "bad_request", "any other file the decoder cannot read"),
-    Rule("min_side", 422, "wrong_shape", "a short side under the minimum", "min_side"),
-    Rule("aspect_ratio", 422, "wrong_shape", "an aspect ratio over the maximum", "max_aspect_ratio"),
-    Rule("not_a_chest_xray", 422, "not_a_chest_xray", "what the gate scores over its limit: photos, documents, "
-         "drawings, noise, blank frames", "ood_gate"),
-    Rule("outside_population", 422, "outside_population", "a chest X-ray unlike the model's training "
-         "population, when the check is set to refuse", "population_check"),
-    Rule("no_explanation", 501, "bad_request", "an explanation asked of an archive that cannot give one "
-         "(only the eager archives explain)"),
-)
+def _rules(table: str) -> tuple[Rule, ...]:
+    rows = [[cell.strip() for cell in line.split("|")] for line in table.strip().splitlines()]
+    return tuple(Rule(name, int(status), reason, refuses, setting) for name, status, reason, refuses, setting in rows)
+
+
+# In the order they are checked: name | status | CxrRejected reason | what it refuses | handler setting
+RULES = _rules(f"""
+form_data          | 415 | form_data          | a body sent as form data (application/x-www-form-urlencoded) |
+empty              | 400 | empty              | a request without image bytes |
+base64             | 400 | bad_base64         | a text body that is not base64 |
+request_shape      | 400 | bad_request        | JSON without an image, a list of numbers, any other unreadable body |
+image_count        | 413 | too_large          | more images in one request than allowed | max_images_per_request
+decode_time        | 413 | too_slow           | a request still decoding past its time budget | max_request_seconds
+image_bytes        | 413 | too_large          | an image file over the size limit | max_image_bytes
+format             | 415 | unsupported_type   | formats other than JPEG, PNG, TIFF, BMP, WebP and DICOM |
+pixel_budget       | 413 | too_large          | more pixels than the request has left | max_request_pixels
+codec              | 415 | unsupported_type   | RLE-compressed BMP, deflated DICOM, multi-frame DICOM |
+image_pixels       | 413 | too_large          | over {MAX_IMAGE_PIXELS // 10**6} Mpx, {MAX_DECODED_BYTES // 10**6} MB decoded |
+not_an_image       | 400 | not_an_image       | bytes no decoder reads as an image, DICOM without pixel data |
+truncated          | 400 | truncated          | truncated or corrupt image data |
+unreadable         | 400 | bad_request        | any other file the decoder cannot read |
+min_side           | 422 | wrong_shape        | a short side under the minimum | min_side
+aspect_ratio       | 422 | wrong_shape        | an aspect ratio over the maximum | max_aspect_ratio
+not_a_chest_xray   | 422 | not_a_chest_xray   | what the gate scores as no chest X-ray (photo, document) | ood_gate
+outside_population | 422 | outside_population | a chest X-ray unlike the model's training films | population_check
+no_explanation     | 501 | bad_request        | an explanation asked of a non-eager archive |
+""")
 RULE = {rule.name: rule for rule in RULES}
 # The decoder (cxr_core.preprocessing) names what is wrong with an image by kind; each kind is one rule.
 DECODER_RULES = {"empty": "empty", "too_large": "image_pixels", "unsupported_type": "codec",

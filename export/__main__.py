@@ -30,14 +30,7 @@ from cxr.metrics import roc_auc
 from cxr.paths import EXAMPLE_XRAYS
 from cxr.timing import images_per_second
 from cxr_core.backends import load_backend
-from cxr_core.checkpoint import (
-    ServingConfig,
-    load_checkpoint,
-    model_from_checkpoint,
-    preprocess_config,
-    serving_config,
-    write_checkpoint,
-)
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, serving_config, write_checkpoint
 from cxr_core.population import CHECKPOINT_KEY, CheckedModel, outside
 from cxr_core.preprocessing import EvalPreset
 from cxr_core.variants import EXPORTED, VARIANTS
@@ -149,7 +142,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     network = CheckedModel(model, check).eval() if check else model  # what the exported files compute
     limit = check["limit"] if check else None
     data_root = resolve_data_root(args.data)
-    preset = EvalPreset(preprocess_config(checkpoint))
+    preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
     formats = list(args.formats)
     if (data_root / "val").is_dir():
         val_images, val_labels = load_images(

@@ -1,4 +1,4 @@
-"""The baseline a skilled user builds in an afternoon (issue 18): LitServe around this project's own ONNX model,
+"""The baseline a skilled user builds in an afternoon: LitServe around this project's own ONNX model,
 with LitServe's dynamic batching (8 requests / 10 ms), ONNX Runtime on 2 threads, JPEG draft-mode decoding,
 images sent as base64 JSON `{"image": ...}` (LitServe reads JSON or forms, not raw bodies, and its form
 uploads do not cross to its inference process). No token, no gate, no population check, no per-image error

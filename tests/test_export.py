@@ -1,6 +1,7 @@
 """Export checks: a variant that does not match eager fails the command and is not left as good."""
 
 import json
+import zipfile
 
 import pytest
 
@@ -67,3 +68,16 @@ def test_archives_carry_what_the_handler_imports_and_nothing_operational():
     assert {"__init__.py", "backends.py", "inputs.py", "variants.py", "preprocessing.py", "gate.py"} <= shipped
     operational = {"data.py", "metrics.py", "report.py", "server.py", "client.py", "cli.py", "paths.py", "demo.py"}
     assert not shipped & operational
+
+
+def test_an_archive_holds_the_model_the_handler_and_exactly_the_core_package(tmp_path):
+    run_export(tmp_path)
+    store = tmp_path / "store"
+    archive.main(archive.get_args_parser().parse_args(
+        ["--export-dir", str(tmp_path / "out"), "--model-store", str(store), "--variants", "--default", "ts"]))
+    with zipfile.ZipFile(store / "pneumonia.mar") as packed:
+        files = set(packed.namelist())
+    core = {f"cxr_core/{name}" for name in archive.serving_modules()}
+    assert core == {path.relative_to(archive.REPO).as_posix() for path in archive.CORE.glob("*.py")}
+    assert files == core | {"model.ts", "cxr_handler.py", "model-config.yaml", "ood_gate.pt",
+                            "MAR-INF/MANIFEST.json"}

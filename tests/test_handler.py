@@ -22,7 +22,7 @@ from tests.handler_support import (
     write_tiny_checkpoint,
 )
 
-# Measured: int8 moved the tiny test model's probabilities on this image by 1.6e-4 (2-core x86 machine, 2026-11-28,
+# Measured: int8 moved the tiny test model's probabilities on this image by 1.6e-4 (2-core x86 machine,
 # the steps of this test). int8 kernels differ more between CPUs (VNNI, AVX-512) than fp32 ones, so
 # the tolerance leaves 300x room; labels and the real-X-ray agreement are export's check.
 INT8_TOLERANCE = 0.05

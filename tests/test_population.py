@@ -9,13 +9,7 @@ import torch
 from PIL import Image
 
 from cxr.paths import EXAMPLE_XRAYS
-from cxr_core.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-    preprocess_config,
-    serving_config,
-    write_checkpoint,
-)
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, serving_config, write_checkpoint
 from cxr_core.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_score, resnet_forward
 from cxr_core.preprocessing import EvalPreset
 from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
@@ -43,7 +37,7 @@ def inside_and_outside_images() -> tuple[bytes, bytes]:
 
 
 def features_of(checkpoint: dict, images: list[bytes]) -> torch.Tensor:
-    preset = EvalPreset(preprocess_config(checkpoint))
+    preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
     with torch.no_grad():
         return resnet_forward(model_from_checkpoint(checkpoint), torch.stack([preset.load(i) for i in images]))[1]
 
@@ -164,7 +158,7 @@ def test_every_exported_file_carries_the_check(checked_dir, tmp_path, name):
     else:
         export_onnx(network, config, tmp_path / "model.onnx")
     if name == "model.int8.onnx":
-        preset = EvalPreset(preprocess_config(checkpoint))
+        preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
         calibration = np.stack([preset(Image.fromarray(np.roll(synthetic_xray(), shift, axis=1), mode="L")).numpy()
                                 for shift in range(0, 160, 10)])
         quantize_onnx_int8(tmp_path / "model.onnx", tmp_path / name, calibration)

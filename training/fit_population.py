@@ -25,13 +25,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cxr.commands import command_parser
 from cxr.paths import data_root
-from cxr_core.checkpoint import (
-    ServingConfig,
-    load_checkpoint,
-    model_from_checkpoint,
-    preprocess_config,
-    write_checkpoint,
-)
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, write_checkpoint
 from cxr_core.decision import calibrated_probabilities
 from cxr_core.population import CHECKPOINT_KEY, TAPS, check_tensors, outside, population_score
 from cxr_core.preprocessing import EvalPreset
@@ -152,7 +146,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if np.array_equal(cached.get("paths"), paths) and str(cached.get("checkpoint")) == sha256:
         logits, features = cached["logits"], cached["features"]
     else:
-        logits, features = feature_statistics(model, films, EvalPreset(preprocess_config(checkpoint)), args.device)
+        logits, features = feature_statistics(model, films, EvalPreset(config.preprocessing), args.device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, paths=paths, logits=logits, features=features, checkpoint=sha256)
     labels = config.decide(calibrated_probabilities(logits, config.temperature))
