@@ -29,7 +29,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	export archive calibrate gate population lock loadtest bench drills train-cxr4 ship-cxr4 source-bias explain clean
+	export archive calibrate gate population lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -154,13 +154,19 @@ loadtest: setup
 	$(PY) -m loadtest.run --duration $(or $(DURATION),60) --users $(or $(USERS),8) --spawn-rate $(or $(SPAWN),8) \
 		--protocol $(or $(PROTOCOL),rest) --model $(NAME)
 
-# The benchmark matrix (model-only, TorchServe end to end, the naive FastAPI and LitServe baselines)
-# -> $(REPORTS)/benchmarks.md; on a CUDA host also the GPU model-only rows -> $(REPORTS)/gpu_bench.md.
+# The shipped configuration measured against the model-only limit and the naive FastAPI and LitServe baselines
+# -> $(REPORTS)/benchmarks.md (+ .json, plots); on a CUDA host also the GPU model-only rows -> $(REPORTS)/gpu_bench.md.
 bench: setup model_store/pneumonia.mar
 	$(PY) -m loadtest.bench --export-dir runs/export-pneumonia --output $(REPORTS)/benchmarks.md $(BENCH_ARGS)
 	@if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
 		$(PY) -m loadtest.gpu_bench --output $(REPORTS)/gpu_bench.md; \
 	else echo "no CUDA GPU: the GPU rows (loadtest.gpu_bench) are left out"; fi
+
+# The whole matrix: every variant, batch size, delay and worker split beside the shipped one -> $(REPORTS)/
+# benchmarks_matrix.md (+ .json).
+bench-matrix: setup model_store/pneumonia.mar
+	$(PY) -m loadtest.bench --matrix --export-dir runs/export-pneumonia --output $(REPORTS)/benchmarks_matrix.md \
+		$(BENCH_ARGS)
 
 # Reliability drills (soak, worker crash, overload, malformed storm) -> $(REPORTS)/reliability.md. About 15 min.
 drills: setup model_store/pneumonia.mar
@@ -193,11 +199,11 @@ calibrate: setup
 	$(PY) -m training.calibrate --checkpoint $(CHECKPOINT) --data $(DATA_pneumonia) \
 		--output runs/calibrate/model.pt --report-dir runs/calibrate
 
-# The out-of-distribution gate, fitted on the train X-rays of both datasets, into runs/gate/; copy
-# runs/gate/ood_gate.pt to models/gate/ to ship it.
+# The out-of-distribution gate, fitted on the train X-rays of both datasets, into runs/gate/ood_gate.pt (copy it
+# to models/gate/ to ship it); its report -> $(REPORTS)/gate.md.
 gate: setup
 	$(PY) -m training.fit_gate --data $(DATA_pneumonia) --data $(DATA_cxr4) --output runs/gate/ood_gate.pt \
-		--report runs/gate/gate.md
+		--report $(REPORTS)/gate.md
 
 # Grad-CAM overlays of the sample X-rays -> $(REPORTS)/explanations/.
 explain: setup

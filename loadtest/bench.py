@@ -108,7 +108,7 @@ def profile_stages(export_dir: Path, variant_file: str, gate_path: Path | None, 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     export_dir, output = Path(args.export_dir), Path(args.output)
     if args.report_only:  # redraw the report and plots from a previous run's benchmarks.json
-        results = json.loads((output.parent / "benchmarks.json").read_text())
+        results = json.loads(output.with_suffix(".json").read_text())
         results["model_only"] = {name: {int(batch): value for batch, value in values.items()}  # JSON keys are text
                                  for name, values in results["model_only"].items()}
         write_reports(results, output)
@@ -133,14 +133,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                         spin=bool((base["handler"] | handler_settings).get("onnx_spin", True)))
 
     shipped = BenchConfig(default_variant, served_batch, served_delay, served_workers, threads)
-    configs = [replace(shipped, variant=variant) for variant in args.variants]
-    configs += [replace(shipped, batch_size=b) for b in args.batches if b != served_batch]
-    configs += [replace(shipped, delay_ms=d) for d in args.delays if d != served_delay]
-    configs += [replace(shipped, workers=w, threads=max(1, model_threads // w)) for w in args.workers
-                if w != served_workers]
-    if args.only:  # explicit configurations instead of the matrix: variant,batch,delay,workers,threads
-        configs = [shipped] + [BenchConfig(v, int(b), int(d), int(w), int(t))
-                               for v, b, d, w, t in (item.split(",") for item in args.only)]
+    configs = [shipped] + [BenchConfig(v, int(b), int(d), int(w), int(t))  # variant,batch,delay,workers,threads
+                           for v, b, d, w, t in (item.split(",") for item in args.only)]
+    if args.matrix:  # every variant, batch size, delay and worker split, each varied alone from the shipped one
+        configs += [replace(shipped, variant=variant) for variant in args.variants]
+        configs += [replace(shipped, batch_size=b) for b in args.batches if b != served_batch]
+        configs += [replace(shipped, delay_ms=d) for d in args.delays if d != served_delay]
+        configs += [replace(shipped, workers=w, threads=max(1, model_threads // w)) for w in args.workers
+                    if w != served_workers]
+    results["matrix"] = args.matrix
     results["default_config"] = shipped.name
     results["e2e"] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -183,8 +184,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="per load")
     parser.add_argument("--model-seconds", type=float, default=2.0, help="per model-only cell")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from benchmarks.json")
+    parser.add_argument("--matrix", action="store_true",
+                        help="also every variant, batch size, delay and worker split (the whole matrix)")
     parser.add_argument("--only", nargs="*", default=[], metavar="VARIANT,BATCH,DELAY,WORKERS,THREADS",
-                        help="run these configurations (plus the shipped one) instead of the matrix")
+                        help="also these configurations")
     parser.add_argument("--handler", nargs="*", default=[], metavar="KEY=VALUE",
                         help="handler settings to try on top of handlers/model-config.yaml (e.g. onnx_spin=false)")
     return parser

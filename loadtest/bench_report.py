@@ -1,9 +1,10 @@
-"""The benchmark report: plots, the ratios against the goals, and the Markdown written beside
-`benchmarks.json` (`python -m loadtest.bench --report-only` redraws them from that file)."""
+"""The benchmark report: plots, the ratios against the goals, and the Markdown written beside its data
+(`benchmarks.json`, `benchmarks_matrix.json`; `python -m loadtest.bench --report-only` redraws from it)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,14 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
 def markdown(results: dict[str, Any], plots: list[str]) -> str:
     r = ratios(results)
     default = results["e2e"][results["default_config"]]
-    lines = ["# Benchmarks", "",
+    title = ["# Benchmarks"]
+    if results.get("matrix"):
+        delay = re.search(r"_d(\d+)_", results["default_config"]).group(1)
+        title = ["# Benchmarks: the whole matrix", "",
+                 "Every archive and batch / delay / worker setting, each varied alone from the default of the run "
+                 f"(`make bench-matrix`; maxBatchDelay {delay} ms except in the rows that vary it); the shipped "
+                 "configuration alone, with its plots: [benchmarks.md](benchmarks.md)."]
+    lines = [*title, "",
              f"Written by `make bench` on {results['machine']} ({results['date']}); the load generator runs on the "
              f"same machine. Images: the {results['images']} original-resolution X-rays of `samples/` in the data "
              "root. "
@@ -134,7 +142,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
 
 
 def write_reports(results: dict[str, Any], output: Path) -> None:
+    """`output` (Markdown) and its data beside it (`.json`); the plots for the shipped configuration's run
+    (the whole matrix's report has none: they would overwrite them)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    plots = plot(results, output.parent)
-    (output.parent / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = [] if results.get("matrix") else plot(results, output.parent)
+    output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     output.write_text(markdown(results, plots))

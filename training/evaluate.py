@@ -149,7 +149,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="models/pneumonia/model.pt", help="checkpoint to evaluate")
     parser.add_argument("--data", default=None, help="ImageFolder root (default: $CXR_DATA/pneumonia)")
     parser.add_argument("--split", default="test", help="split folder to evaluate (val or test)")
-    parser.add_argument("--output-dir", default=None, help="where reports go (default: next to the checkpoint)")
+    parser.add_argument("--output-dir", default="runs/evaluate", help="where reports go")
     parser.add_argument("--batch-size", default=64, type=int)
     parser.add_argument("--workers", default=1, type=int, help="DataLoader worker processes")
     parser.add_argument("--bootstrap", default=1000, type=int, help="bootstrap resamples for 95%% intervals")
@@ -160,13 +160,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoint_path = Path(args.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(args.checkpoint)
     report, labels, probabilities = evaluate_checkpoint(
         checkpoint, resolve_data_root(args.data), args.split, batch_size=args.batch_size, workers=args.workers,
         bootstrap=args.bootstrap,
     )
-    output_dir = Path(args.output_dir) if args.output_dir else checkpoint_path.parent / "reports"
+    output_dir = Path(args.output_dir)
     write_report(report, labels, probabilities, checkpoint["class_names"], output_dir, args.split)
     headline = {key: report[key] for key in SUMMARY_KEYS if key in report}
     print(json.dumps({"split": args.split, "n": report["n"], **headline}, indent=2))

@@ -5,7 +5,8 @@
 Positives: the train X-rays of every --data root. Negatives: the "dev" half of `training.not_xrays` plus more
 synthetic noise/blank/drawing/document images. The limit is chosen on the val X-rays; the report scores every
 split and class folder of every root and the "held_out" half of the negatives (never used for fitting).
-Writes `runs/gate/ood_gate.pt` and `runs/gate/gate.md`; copy them to `models/gate/` and `docs/` to ship.
+Writes `runs/gate/ood_gate.pt` (copy it to `models/gate/` to ship it) and its report (`--report`;
+`make gate REPORTS=docs` refreshes `docs/gate.md`).
 """
 
 from __future__ import annotations
