@@ -48,6 +48,7 @@ def _rules(table: str) -> tuple[Rule, ...]:
     return tuple(Rule(name, int(status), reason, refuses, setting) for name, status, reason, refuses, setting in rows)
 
 
+_DECODER_LIMITS = f"over {MAX_IMAGE_PIXELS // 10**6} Mpx, or over {MAX_DECODED_BYTES // 10**6} MB of decoded pixels"
 # In the order they are checked: name | status | CxrRejected reason | what it refuses | handler setting
 RULES = _rules(f"""
 form_data          | 415 | form_data          | a body sent as form data (application/x-www-form-urlencoded) |
@@ -60,7 +61,7 @@ image_bytes        | 413 | too_large          | an image file over the size limi
 format             | 415 | unsupported_type   | formats other than JPEG, PNG, TIFF, BMP, WebP and DICOM |
 pixel_budget       | 413 | too_large          | more pixels than the request has left | max_request_pixels
 codec              | 415 | unsupported_type   | RLE-compressed BMP, deflated DICOM, multi-frame DICOM |
-image_pixels       | 413 | too_large          | over {MAX_IMAGE_PIXELS // 10**6} Mpx, {MAX_DECODED_BYTES // 10**6} MB decoded |
+image_pixels       | 413 | too_large          | {_DECODER_LIMITS} |
 not_an_image       | 400 | not_an_image       | bytes no decoder reads as an image, DICOM without pixel data |
 truncated          | 400 | truncated          | truncated or corrupt image data |
 unreadable         | 400 | bad_request        | any other file the decoder cannot read |

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from cxr_core.inputs import PreparedBatch
 from cxr_core.gate import GATE_FILE
+from cxr_core.inputs import PreparedBatch
 from cxr_core.policy import Refusal, RequestPolicy, lift_pillow_pixel_limit
 from cxr_core.served import Outputs, ServedModel
 from cxr_core.settings import HandlerSettings

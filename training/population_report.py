@@ -72,9 +72,9 @@ def write_report(name: str, films: list[Film], scores: np.ndarray, limit: float,
     summary = {"method": chosen, "limit": limit, "groups": by_group, "loso": rows[chosen]["loso"],
                "own_val_flagged": rows[chosen]["own_val"]}
     lines = [f"# Population check of `{name}`", "",
-             f"Written by `python -m training.fit_population` ({chosen}; limit {limit:.4f}, which accepts 99% of "
-             "each class of the model's own validation films). Flagged = score above the limit (refused with 422 "
-             "by default).",
+             f"Written by `python -m training.fit_population` ({chosen}; limit {limit:.4f}, the highest of the 99th "
+             "percentiles of each class's scores on the model's own validation films). Flagged = score above "
+             "the limit (refused with 422 by default).",
              "", "## Per source and split", "",
              *table(["source", "split", "population", "films", "flagged", "the model says of the films not flagged"],
                     table_rows),
