@@ -29,7 +29,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	export archive calibrate gate population lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 source-bias explain clean
+	export archive calibrate gate population population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -119,6 +119,12 @@ model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
 population: setup
 	$(PY) -m training.fit_population --checkpoint $(CHECKPOINT) --name $(NAME) \
 		--output runs/population-$(NAME)/model.pt --report-dir $(REPORTS)/population
+
+# What the population check costs (docs/trust.md): the checkpoint exported with and without it, timed side by side,
+# the model alone and through TorchServe -> $(REPORTS)/population/cost.json.
+population-cost: setup
+	$(PY) -m loadtest.check_cost --checkpoint $(CHECKPOINT) --end-to-end --rounds 7 --seconds 8 \
+		--output $(REPORTS)/population/cost.json
 
 # Export any checkpoint (TorchScript / ONNX / int8 / AOTInductor, each checked against eager); THRESHOLD=0.5
 # embeds another operating point in every exported file without touching the checkpoint.

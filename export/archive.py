@@ -2,7 +2,7 @@
 
     python -m export.archive --export-dir runs/export-pneumonia --model-store model_store --default onnx
 
-Writes `<name>_{eager,ts,onnx,int8}.mar` and `<name>.mar` (the default variant) for version 1.0; any other version
+Writes `<name>_{eager,ts,onnx,int8,aoti}.mar` and `<name>.mar` (the default variant) for version 1.0; any other version
 adds `-<version>` to each file name (`pneumonia-2.0.mar`), so a new version never overwrites the one serving and
 `cxr deploy pneumonia-2.0.mar` takes it as it is. Each archive holds the model
 file (which embeds its class names, preprocessing and threshold), handlers/cxr_handler.py,

@@ -1,11 +1,13 @@
-"""`make bench`: the benchmark matrix, in one run on one machine with the same X-rays.
+"""`make bench` (the shipped configuration) and `make bench-matrix` (`--matrix`: every variant, batch size, delay
+and worker split beside it), in one run on one machine with the same X-rays.
 
     python -m loadtest.bench --export-dir runs/export-pneumonia --output runs/reports/benchmarks.md
 
-1. Model only: each backend (eager, TorchScript, ONNX Runtime, ONNX int8) on preprocessed sample X-rays at
-   batch 1/4/8/16, with the server's thread setting (handlers/model-config.yaml `handler.threads`).
-2. End to end: a TorchServe of its own (free loopback ports) serving each archive, then the default archive
-   across batch size, max batch delay and worker count; a closed-loop load (--concurrency clients sending the
+1. Model only: each backend (eager, TorchScript, ONNX Runtime, ONNX int8, AOTInductor) on preprocessed sample
+   X-rays at batch 1/4/8/16, with the server's thread setting (handlers/model-config.yaml `handler.threads`).
+2. End to end: a TorchServe of its own (free loopback ports) serving the shipped configuration (with
+   `--matrix` also each archive, then the default archive across batch size, max batch delay and worker
+   count); a closed-loop load (--concurrency clients sending the
    original-resolution samples back to back) gives the maximum throughput, then open-loop loads at 50%, 80% and
    100% of it give the latency percentiles. RSS of the frontend and of each worker.
 3. The naive baseline: loadtest/naive_app.py (FastAPI + uvicorn, eager, one request at a time), and a

@@ -69,9 +69,10 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                  "Every archive and batch / delay / worker setting, each varied alone from the default of the run "
                  f"(`make bench-matrix`; maxBatchDelay {delay} ms except in the rows that vary it); the shipped "
                  "configuration alone, with its plots: [benchmarks.md](benchmarks.md)."]
+    command = "make bench-matrix" if results.get("matrix") else "make bench"
     lines = [*title, "",
-             f"Written by `make bench` on {results['machine']} ({results['date']}); the load generator runs on the "
-             f"same machine. Images: the {results['images']} original-resolution X-rays of `samples/` in the data "
+             f"Written by `{command}` on {results['machine']}; the load generator runs on the same machine. "
+             f"Images: the {results['images']} original-resolution X-rays of `samples/` in the data "
              "root. "
              f"Closed loop: {results['concurrency']} clients back to back for {results['seconds']:.0f} s; open loop: "
              "fixed rates at 50/80/100% of that maximum.", "",

@@ -96,6 +96,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             results["end_to_end"] = end_to_end(plain, checked, args.gate, args.samples, args.rounds, args.seconds,
                                                args.concurrency, Path(scratch))
     print(json.dumps(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -111,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", default=str(samples_dir()), help="folder of X-rays to send")
     parser.add_argument("--seconds", type=float, default=10.0, help="per end-to-end round")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--output", default=None, help="also write the results here (JSON)")
     return parser
 
 

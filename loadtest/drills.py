@@ -179,7 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
     heavy, after = o["at_3x"], o["after_at_half"]
     shed = heavy["statuses"].get("503", 0)
     lines = ["# Reliability drills", "",
-             f"Written by `make drills` on {results['machine']} ({results['date']}): one TorchServe of our own with "
+             f"Written by `make drills` on {results['machine']}: one TorchServe of our own with "
              f"the shipped default archive and settings, the load generator on the same machine, loopback only. "
              f"Workers: {results.get('workers', 1)}. Maximum throughput measured first: **{results['peak']:.1f} "
              f"X-rays/s** ({results['concurrency']} clients).", "",
