@@ -37,7 +37,7 @@ def lung_heat_fraction(heatmap: np.ndarray) -> float:
 
 
 def main() -> None:
-    """Write Grad-CAM overlays of image files: python -m cxr_core.explain --checkpoint CKPT --out-dir DIR IMAGE..."""
+    """Write Grad-CAM overlays of image files: python -m cxr.explain --checkpoint CKPT --out-dir DIR IMAGE..."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--checkpoint", default="models/pneumonia/model.pt")
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
     model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
-    config = preprocess_config(checkpoint)
+    config = preset.config
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         tensor = preset.load(path)

@@ -144,7 +144,8 @@ class ServingConfig:
     def from_dict(cls, config: dict[str, Any]) -> ServingConfig:
         """From the JSON embedded in an exported file (keys other than the fields, e.g. provenance, ignored)."""
         values = {field.name: config[field.name] for field in fields(cls) if field.name in config}
-        values.update(class_names=tuple(config["class_names"]),
+        values.update(positive_class=config.get("positive_class"), threshold=config.get("threshold"),
+                      class_names=tuple(config["class_names"]),
                       temperature=float(config.get("temperature", 1.0)),
                       preprocessing=PreprocessConfig.from_dict(config["preprocessing"]),
                       population=PopulationSettings.from_dict(config.get("population")))

@@ -9,7 +9,7 @@ SUPPORTED_ARCHITECTURES = ("resnet18", "resnet34", "mobilenet_v3_large", "effici
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 1) -> nn.Module:
-    """Build `arch` from scratch (no pretrained weights exist on this machine) for `in_channels` inputs."""
+    """Build `arch` from scratch (no pretrained weights are downloaded) for `in_channels` inputs."""
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(SUPPORTED_ARCHITECTURES)}")
     model = tv_models.get_model(arch, weights=None, num_classes=num_classes)

@@ -1,9 +1,11 @@
-"""The request policy: every reason a request may be refused, in the order it is checked.
+"""The request policy: every reason a request may be refused, in the order a request meets them.
 
-`RULES` is the one list (README and docs/serving.md print it): each rule has a name, the HTTP status of its
-refusal and the `Reason` label of the CxrRejected metric (a bounded set; rules of one kind share it). A
-refusal is a `Refusal(rule, message)` whose message names the problem for that image only; the other
-requests of the batch go on. The checks run in three stages:
+`RULES` is the one list (README and docs/serving.md print it; tests/test_policy.py checks that of two broken
+rules the earlier one answers): each rule has a name, the HTTP status of its refusal and the `Reason` label of
+the CxrRejected metric (a bounded set; rules of one kind share it). A refusal is a `Refusal(rule, message)`
+whose message names the problem for that image only; the other requests of the batch go on. The decoder's
+own rules (`codec` to `unreadable`, and `empty` for an empty image inside a list) come in the order each
+format's decoder meets them. The checks run in three stages:
 
   - the request (`RequestPolicy.admit`): how the body arrived, its images (`extract_images`), their count;
   - each image (`RequestPolicy.admit_image` -> `decode_image`): the time budget, bytes, format, pixel budget,
@@ -58,7 +60,7 @@ request_shape      | 400 | bad_request        | JSON without an image, a list of
 image_count        | 413 | too_large          | more images in one request than allowed | max_images_per_request
 decode_time        | 413 | too_slow           | a request still decoding past its time budget | max_request_seconds
 image_bytes        | 413 | too_large          | an image file over the size limit | max_image_bytes
-format             | 415 | unsupported_type   | formats other than JPEG, PNG, TIFF, BMP, WebP and DICOM |
+format             | 415 | unsupported_type   | formats other than {', '.join(ACCEPTED_FORMATS)} and DICOM |
 pixel_budget       | 413 | too_large          | more pixels than the request has left | max_request_pixels
 codec              | 415 | unsupported_type   | RLE-compressed BMP, deflated DICOM, multi-frame DICOM |
 image_pixels       | 413 | too_large          | {_DECODER_LIMITS} |
@@ -229,7 +231,7 @@ class RequestPolicy:
                 outside(population_scores, population.limit).any():
             worst = int(population_scores.argmax())
             details = {"population": verdict(float(population_scores[worst]), population, "refuse"),
-                       "intended_population": population.intended_population, "model_card": population.model_card}
+                       **population.whom()}
             return Refusal("outside_population", "outside the model's population",
                            _image_index(details, worst, population_scores))
         return None

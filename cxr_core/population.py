@@ -10,10 +10,10 @@ standard deviation of every channel after each ResNet stage (`TAPS`), standardis
     other source to be told apart from).
 
 A score above `limit` is outside (`outside`: the one rule, for fitting, reports, export checks and serving).
-`CheckedModel` fuses it into the model's graph (`forward -> (logits,
-population)`), so TorchScript, ONNX and int8 carry it as a second output and it costs one pass. The fitted
-tensors travel in the checkpoint under `population_check`; the settings (`PopulationSettings`) in the serving
-config embedded in every exported file. Fitting: training/fit_population.py.
+`CheckedModel` fuses the check into the model's graph (`forward -> (logits, population)`), so TorchScript,
+ONNX, int8 and AOTInductor files carry it as a second output and it costs one pass. The fitted tensors travel
+in the checkpoint under `population_check`; the settings (`PopulationSettings`) in the serving config
+embedded in every exported file. Fitting: training/fit_population.py.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class PopulationSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def whom(self) -> dict[str, str]:
+        """Whom the model is for, as answers and refusals outside the population say it."""
+        return {"intended_population": self.intended_population, "model_card": self.model_card}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PopulationSettings | None:
         """The settings from an exported file's config, or from a checkpoint's fitted check (which also holds
@@ -52,7 +56,7 @@ class PopulationSettings:
                    intended_population=values["intended_population"], model_card=values["model_card"])
 
 
-def outside(scores: float | np.ndarray, limit: float) -> bool | np.ndarray:
+def outside(scores: float | np.ndarray, limit: float) -> np.bool_ | np.ndarray:
     """Whether each score is outside the population: above the limit (the limit itself is inside)."""
     return np.asarray(scores) > limit
 

@@ -14,7 +14,7 @@ import torch
 
 from cxr_core.backends import Backend, TorchBackend, load_backend
 from cxr_core.explain import CAM_LAYERS, grad_cam, model_view, overlay_png
-from cxr_core.gate import OodGate
+from cxr_core.gate import GATE_FILE, OodGate
 from cxr_core.policy import Refusal
 from cxr_core.population import verdict
 from cxr_core.preprocessing import EvalPreset
@@ -54,7 +54,7 @@ class ServedModel:
         if settings.ood_gate and gate_file is not None and os.path.exists(gate_file):
             gate = OodGate.load(gate_file, device)
         elif settings.ood_gate:
-            log.warning("ood_gate is on but the archive has no gate file: every image will be classified")
+            log.warning("ood_gate is on but the archive has no %s: every image will be classified", GATE_FILE)
         served = cls(backend, gate, settings.population_check)
         if served.population_mode == "absent" and settings.population_check != "off":
             log.warning("%s has no population check: answers say population check 'absent'", model_file)
@@ -83,8 +83,7 @@ class ServedModel:
         population_score = None if outputs.population_scores is None else float(outputs.population_scores[row])
         population = verdict(population_score, self.population, self.population_mode)
         if population["inside"] is False:  # `warn`: answered, but say whom the model is for
-            population.update(intended_population=self.population.intended_population,
-                              model_card=self.population.model_card)
+            population.update(self.population.whom())
         probabilities = {name: round(float(p), 6)
                          for name, p in zip(self.class_names, outputs.probabilities[row], strict=True)}
         return {"label": self.class_names[int(outputs.labels[row])], "probabilities": probabilities,
@@ -110,7 +109,6 @@ class ServedModel:
                      "backend": self.backend.name, "gate": self.gate is not None,
                      "population_check": self.population_mode}
         if self.population is not None:
-            described.update(intended_population=self.population.intended_population,
-                             model_card=self.population.model_card, population_limit=self.population.limit,
+            described.update(self.population.whom(), population_limit=self.population.limit,
                              population_kind=self.population.kind)
         return described

@@ -52,6 +52,7 @@ class XrayHandler(BaseHandler):
         self.initialized = True
         log.info("loaded %s (%s backend on %s, gate %s, population check %s)", model_path,
                  self.served.backend.name, device, "on" if self.served.gate else "off", self.served.population_mode)
+
     def _metric(self, method: str, name: str, value: float, dimensions: dict[str, str], unit: str | None = None):
         """Report a custom metric through TorchServe's metrics API (Prometheus on port 8082)."""
         metrics = getattr(self.context, "metrics", None)
@@ -114,8 +115,10 @@ class XrayHandler(BaseHandler):
         batch.outputs = self.served.run(batch.images)
         gate_limit = self.served.gate.limit if self.served.gate is not None else None
         for index, start, end in batch.accepted():
-            refusal = self.policy.judge(*batch.scores(start, end), gate_limit, self.served.population,
-                                        self.served.population_mode)
+            gate_scores, population_scores = batch.scores(start, end)
+            refusal = self.policy.judge(gate_scores=gate_scores, population_scores=population_scores,
+                                        gate_limit=gate_limit, population=self.served.population,
+                                        population_mode=self.served.population_mode)
             if refusal is not None:
                 batch.refusals[index] = refusal
             elif batch.explain[index]:

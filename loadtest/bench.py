@@ -39,6 +39,7 @@ from cxr.commands import command_parser
 from cxr.timing import images_per_second
 from cxr_core.backends import load_backend
 from cxr_core.preprocessing import EvalPreset
+from cxr_core.settings import HandlerSettings
 from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
 from export.archive import DEFAULT_MODEL_CONFIG
@@ -132,7 +133,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results["model_only"] = model_only(export_dir, payloads[:16], args.batches, model_threads, args.model_seconds)
     results["profile"] = profile_stages(export_dir, VARIANTS[default_variant].file_name,
                                         Path(args.gate) if args.gate else None, payloads, threads,
-                                        spin=bool((base["handler"] | handler_settings).get("onnx_spin", True)))
+                                        spin=HandlerSettings.from_yaml(base["handler"] | handler_settings).onnx_spin)
 
     shipped = BenchConfig(default_variant, served_batch, served_delay, served_workers, threads)
     configs = [shipped] + [BenchConfig(v, int(b), int(d), int(w), int(t))  # variant,batch,delay,workers,threads

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 
 import litserve as ls
 import numpy as np
 
-from cxr_core.backends import CONFIG_KEY
-from cxr_core.checkpoint import ServingConfig
+from cxr_core.backends import embedded_config
 from cxr_core.preprocessing import EvalPreset
 
 
@@ -33,8 +31,8 @@ class XrayAPI(ls.LitAPI):
         self.session = ort.InferenceSession(os.environ["CXR_ONNX"], sess_options=options,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        config = json.loads(self.session.get_modelmeta().custom_metadata_map[CONFIG_KEY])
-        self.config = ServingConfig.from_dict(config)
+        self.config = embedded_config(self.session.get_modelmeta().custom_metadata_map, os.environ["CXR_ONNX"],
+                                      "ONNX file")
         self.preset = EvalPreset(self.config.preprocessing)  # decodes JPEGs in draft mode at 2x the input size
 
     def decode_request(self, request: dict) -> np.ndarray:

@@ -79,7 +79,7 @@ def encode(image: Image.Image, fmt: str = "JPEG", **options: Any) -> bytes:
 
 # The same image answered alone, inside a larger batch, by another backend or on another CPU gets probabilities
 # that differ in the last bits (batched kernels sum in another order; measured: at most 2.4e-7 between batch 1
-# and batches of 2-16 for the shipped model on this machine, 1e-6 after rounding on an AVX-512 machine). Labels
+# and batches of 2-16 for the shipped model on a 2-core x86 machine, 1e-6 after rounding on an AVX-512 machine). Labels
 # must be identical; probabilities agree within this tolerance, 100x the largest difference seen.
 PROBABILITY_TOLERANCE = 1e-4
 

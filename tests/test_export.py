@@ -63,7 +63,7 @@ def test_another_threshold_is_embedded_without_touching_the_checkpoint(tmp_path)
         assert load_backend(tmp_path / "out" / name).config.threshold == 0.25, name
 
 
-def test_archives_carry_what_the_handler_imports_and_nothing_operational():
+def test_archives_carry_the_core_package_and_nothing_operational():
     shipped = set(archive.serving_modules())
     assert {"__init__.py", "backends.py", "inputs.py", "variants.py", "preprocessing.py", "gate.py"} <= shipped
     operational = {"data.py", "metrics.py", "report.py", "server.py", "client.py", "cli.py", "paths.py", "demo.py"}

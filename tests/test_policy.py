@@ -1,18 +1,23 @@
 """The request policy's rules, the handler's typed settings and the shipped core's boundary."""
 
 import ast
+import base64
 import re
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from cxr_core.policy import DECODER_RULES, RULE, RULES, Refusal
+from cxr_core.policy import DECODER_RULES, RULE, RULES, Refusal, RequestPolicy
+from cxr_core.population import PopulationSettings
+from cxr_core.preprocessing import EvalPreset, PreprocessConfig
 from cxr_core.settings import HandlerSettings
 from tests.conftest import REPO
-from tests.handler_support import make_handler, run, write_tiny_checkpoint
+from tests.handler_support import encode, make_handler, run, synthetic_xray, write_tiny_checkpoint
 
 CORE = REPO / "cxr_core"
 SHIPPED_YAML = REPO / "handlers" / "model-config.yaml"
@@ -121,3 +126,39 @@ def test_importing_the_core_leaves_pillows_limit_alone():
     code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import cxr_core.policy, cxr_core.served, "
             "handlers.cxr_handler; assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def _encoded(size, fmt="PNG"):
+    return encode(Image.fromarray(synthetic_xray(*size), mode="L"), fmt)
+
+
+@pytest.mark.parametrize(("row", "settings", "first", "also"), [
+    ({"body": {"instances": [base64.b64encode(b"x" * 50).decode()] * 3}}, {"max_images_per_request": 2},
+     "image_count", "image_bytes"),
+    ({"body": b"GIF89a" + b"\0" * 64}, {"max_image_bytes": 32}, "image_bytes", "format"),
+    ("tiny_gif", {}, "format", "min_side"),
+    ("tiny_png", {"max_request_pixels": 100}, "pixel_budget", "min_side"),
+    ("narrow_png", {}, "min_side", "aspect_ratio"),
+])
+def test_of_two_broken_rules_the_earlier_one_answers(row, settings, first, also):
+    images = {"tiny_gif": _encoded((40, 40), "GIF"), "tiny_png": _encoded((40, 40)), "narrow_png": _encoded((300, 20))}
+    row = {"body": images[row]} if isinstance(row, str) else row
+    policy = RequestPolicy(replace(HandlerSettings(), **settings), EvalPreset(PreprocessConfig(image_size=64)))
+    with pytest.raises(Refusal) as refused:
+        policy.admit(row)
+    order = [rule.name for rule in RULES]
+    assert refused.value.rule.name == first and order.index(first) < order.index(also)
+
+
+def test_the_gate_answers_before_the_population_check():
+    population = PopulationSettings("logistic", 0.5, "children", "docs/model_cards/x.md")
+    policy = RequestPolicy(HandlerSettings(), EvalPreset(PreprocessConfig(image_size=64)))
+    refusal = policy.judge(gate_scores=np.array([0.9]), population_scores=np.array([0.9]), gate_limit=0.5,
+                           population=population, population_mode="refuse")
+    assert refusal.rule.name == "not_a_chest_xray"
+    refusal = policy.judge(gate_scores=np.array([0.1, 0.2]), population_scores=np.array([0.1, 0.9]), gate_limit=0.5,
+                           population=population, population_mode="refuse")
+    assert refusal.rule.name == "outside_population" and refusal.details["image"] == 1
+    assert refusal.details["intended_population"] == "children"
+    assert policy.judge(gate_scores=None, population_scores=np.array([0.9]), gate_limit=None,
+                        population=population, population_mode="warn") is None

@@ -4,7 +4,7 @@
 
 Writes to --output-dir: `last.pt` (resumable with --resume), `best.pt` (best val AUC), `model.pt` (best
 weights + threshold chosen on val + val/test metrics: the file to ship), `metrics.csv`, `curves.png` and
-evaluation reports. No pretrained weights exist on this machine, so every model starts from random weights.
+evaluation reports. No pretrained weights are downloaded: every model starts from random weights.
 """
 
 from __future__ import annotations
