@@ -36,7 +36,8 @@ class FakeContext:
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
         self.manifest = {"model": {"serializedFile": serialized_file, "modelName": model_name,
                                    "modelVersion": version}}
-        self.model_yaml_config = {"handler": settings or {}}
+        # threads None: the test process keeps torch's own thread count (the shipped 1 would halve later tests)
+        self.model_yaml_config = {"handler": {"threads": None, **(settings or {})}}
         self.model_name = model_name
         self.metrics = RecordingMetrics()
         self.statuses: dict[int, tuple[int, str]] = {}
@@ -109,7 +110,6 @@ def make_handler(model_dir: Path, serialized: str = "model.pt", **settings: Any)
     from handlers.cxr_handler import XrayHandler
 
     handler = XrayHandler()
-    settings.setdefault("threads", None)  # keep the test process's own torch thread count
     handler.initialize(FakeContext(model_dir, serialized, settings))
     return handler
 
