@@ -10,6 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 # A handful of downsized Kermany test X-rays committed with the code (tests/fixtures/xrays/README.md), so the examples
 # and the serving tests run where the data root is absent.
 EXAMPLE_XRAYS = REPO / "tests" / "fixtures" / "xrays"
+# The shipped "not a chest X-ray" gate (cxr_core.gate), packed into every archive.
+SHIPPED_GATE = REPO / "models" / "gate" / "ood_gate.pt"
 
 
 def data_root() -> Path:

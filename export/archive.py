@@ -23,13 +23,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cxr.commands import command_parser
+from cxr.paths import REPO, SHIPPED_GATE
 from cxr_core.gate import GATE_FILE
 from cxr_core.variants import VARIANTS
 
-REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "cxr_handler.py"
 CORE = REPO / "cxr_core"
-DEFAULT_GATE = REPO / "models" / "gate" / "ood_gate.pt"
 DEFAULT_MODEL_CONFIG = REPO / "handlers" / "model-config.yaml"
 
 
@@ -94,7 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="variant archives to write beside <name>.mar (none: only <name>.mar)")
     parser.add_argument("--model-config", default=str(DEFAULT_MODEL_CONFIG),
                         help="TorchServe model-config.yaml packed into every archive (workers, batching, handler)")
-    parser.add_argument("--gate", default=str(DEFAULT_GATE),
+    parser.add_argument("--gate", default=str(SHIPPED_GATE),
                         help="out-of-distribution gate checkpoint packed into every archive ('' for none)")
     return parser
 

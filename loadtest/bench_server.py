@@ -19,7 +19,7 @@ import yaml
 
 from cxr import server
 from cxr.client import Client
-from cxr.paths import samples_dir
+from cxr.paths import SHIPPED_GATE, samples_dir
 from cxr.server import free_ports
 from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
@@ -178,7 +178,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, output: str) -> argpar
     """What `make bench` and `make drills` share: the export to archive, the gate, the X-rays to send, the
     clients, the report and how to name the machine in it."""
     parser.add_argument("--export-dir", default="runs/export-pneumonia", help="output of `python -m export`")
-    parser.add_argument("--gate", default=str(archive_cli.DEFAULT_GATE))
+    parser.add_argument("--gate", default=str(SHIPPED_GATE))
     parser.add_argument("--samples", default=str(samples_dir()), help="folder of X-rays to send (searched deep)")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--output", default=output)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cxr.commands import command_parser
-from cxr.paths import samples_dir
+from cxr.paths import SHIPPED_GATE, samples_dir
 from cxr.timing import images_per_second
 from cxr_core.backends import OnnxBackend
 from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--end-to-end", action="store_true", help="also through TorchServe")
-    parser.add_argument("--gate", default="models/gate/ood_gate.pt")
+    parser.add_argument("--gate", default=str(SHIPPED_GATE))
     parser.add_argument("--samples", default=str(samples_dir()), help="folder of X-rays to send")
     parser.add_argument("--seconds", type=float, default=10.0, help="per end-to-end round")
     parser.add_argument("--concurrency", type=int, default=8)

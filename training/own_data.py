@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cxr.commands import command_parser
 from cxr.data import IMAGE_EXTENSIONS
-from cxr.paths import REPO
+from cxr.paths import SHIPPED_GATE
 from cxr_core.gate import OodGate
 from cxr_core.preprocessing import EvalPreset, PreprocessConfig
 from cxr_core.variants import VARIANTS
@@ -39,7 +39,6 @@ from cxr_core.variants import VARIANTS
 SPLITS = ("train", "val", "test")
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
-DEFAULT_GATE = REPO / "models" / "gate" / "ood_gate.pt"
 SERVED_MODELS = ("pneumonia", "cxr4")
 MANIFEST = "manifest.csv"
 MAX_BAD_SHARE = 0.01  # unreadable or non-X-ray files: left out below this share of all files, a stop at or above
@@ -296,7 +295,7 @@ def split_films(films: Sequence[_Labelled], seed: int) -> dict[str, list[_Labell
 
 
 def plan_data(data: Path, *, name: str, positive: str | None, seed: int = 0, min_per_class: int = 20,
-              gate_path: Path | None = DEFAULT_GATE, served: Iterable[str] = SERVED_MODELS) -> DataPlan:
+              gate_path: Path | None = SHIPPED_GATE, served: Iterable[str] = SERVED_MODELS) -> DataPlan:
     """Check `data` and plan the splits; DataError (one line, with the fix) on any problem. The cheap checks run
     first, so a wrong name or a missing class stops at once, before the decode pass."""
     data = Path(data)
@@ -381,7 +380,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positive", default=None, help="the class the threshold is for (required for 2 classes)")
     parser.add_argument("--seed", default=0, type=int, help="seed of the split made here (folders without splits)")
     parser.add_argument("--min-per-class", default=20, type=int, help="fewest films a class may have")
-    parser.add_argument("--gate", default=DEFAULT_GATE, type=Path, help="the gate checkpoint (absent: not gated)")
+    parser.add_argument("--gate", default=SHIPPED_GATE, type=Path, help="the gate checkpoint (absent: not gated)")
     return parser
 
 
