@@ -1,6 +1,7 @@
 """The README a newcomer reads and the figures the docs quote agree with the files they come from."""
 
 import csv
+import hashlib
 import itertools
 import json
 import re
@@ -25,7 +26,7 @@ def requirement(name: str) -> str:
 def test_readme_is_short_and_has_what_a_newcomer_needs():
     assert len(README.splitlines()) <= 250
     for heading in ("## Prerequisites", "## Two commands", "## A first request", "## The demo page",
-                    "## Serving your own model", "## Changing the decision threshold", "## GPU",
+                    "## Your own model", "## Changing the decision threshold", "## GPU",
                     "## Troubleshooting", "## Licences"):
         assert heading in README, heading
     for internal in ("lent", "the contract", "this machine"):
@@ -69,14 +70,12 @@ def test_the_threshold_is_quoted_as_the_checkpoint_has_it(pneumonia):
     assert metrics["threshold"] == pytest.approx(threshold, abs=1e-9)
 
 
-def test_model_docs_quote_the_recorded_test_figures(pneumonia):
+def test_model_docs_quote_the_recorded_test_figures(pneumonia, cxr4):
     card = (DOCS / "pneumonia" / "README.md").read_text()
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity"):
         assert f"{pneumonia['metrics']['test'][key]:.3f}" in card, key
-    if SHIPPED_CXR4.is_file():
-        cxr4 = load_checkpoint(SHIPPED_CXR4)
-        for key in ("macro_auc", "balanced_accuracy"):
-            assert f"{cxr4['metrics']['test'][key]:.3f}" in (DOCS / "cxr4" / "README.md").read_text(), key
+    for key in ("macro_auc", "balanced_accuracy"):
+        assert f"{cxr4['metrics']['test'][key]:.3f}" in (DOCS / "cxr4" / "README.md").read_text(), key
 
 
 def test_gate_cost_is_quoted_from_its_measurements():
@@ -112,17 +111,14 @@ def test_licence_and_notice():
 def test_model_cards_follow_their_checkpoints(name):
     """Each card names its checkpoint's sha256, its check's limit and intended population, in Mitchell et
     al.'s sections; the fit report it links is there."""
-    import hashlib
-
     path = REPO / "models" / name / "model.pt"
     card = (REPO / "docs" / "model_cards" / f"{name}.md").read_text()
     check = load_checkpoint(path)["population_check"]
     assert hashlib.sha256(path.read_bytes()).hexdigest() in card
     assert f"{check['limit']:.4f}" in card and check["model_card"] == f"docs/model_cards/{name}.md"
     assert check["intended_population"] in " ".join(card.split())
-    for section in ("Model details", "Intended use", "Population and data", "Metrics",
-                    "Cross-source evaluation and the population check", "Calibration", "Known failure modes",
-                    "Caveats"):
+    for section in ("Model details", "Intended use", "Population and data", "Metrics", "Caveats",
+                    "Cross-source evaluation and the population check", "Calibration", "Known failure modes"):
         assert f"## {section}" in card, section
     assert (REPO / "docs" / "population" / f"{name}.md").is_file()
 
@@ -187,9 +183,11 @@ def test_the_pneumonia_card_quotes_its_reports(pneumonia):
     val_flagged = [pct(groups[f"kermany/val{label}"]["flagged"]) for label in ("", "/NORMAL", "/PNEUMONIA")]
     assert "it flags {} of Kermany val: NORMAL {}, PNEUMONIA {}".format(*val_flagged) in text
     cost = load_json("docs/population/cost.json")
-    model_costs = sorted(100 * cost[b]["cost"] for b in ("b1", "b8"))
-    assert (f"costs {model_costs[0]:.1f}-{model_costs[1]:.1f}% of the model's throughput and "
-            f"{100 * cost['end_to_end']['cost']:.1f}% end to end") in text
+    assert "costs {:.1f}-{:.1f}% of the model's throughput and {:.1f}% end to end".format(
+        *sorted(100 * cost[b]["cost"] for b in ("b1", "b8")), 100 * cost["end_to_end"]["cost"]) in text
+    rsna = [groups[f"rsna/{split}{label}"] for label in ("", "/OPACITY") for split in ("val", "test")]
+    assert row(card, "RSNA adults")[1:] == ["{} / {}".format(*(g["films"] for g in rsna[:2])),
+                                            "{} / {} (OPACITY {} / {})".format(*(pct(g["flagged"]) for g in rsna))]
     for first_cell, key in (("Kermany official test", "kermany/test"), ("Kermany val (own)", "kermany/val"),
                             ("samples/", "samples/test"), ("Kermany normals inside the CRD", "kermany_in_crd/test"),
                             ("CRD Normal, adult, Kermany copies set aside, test", "crd_normal/test"),
@@ -198,13 +196,13 @@ def test_the_pneumonia_card_quotes_its_reports(pneumonia):
         assert cells[1] == str(groups[key]["films"]) and cells[2].startswith(pct(groups[key]["flagged"])), cells
     assert "(NORMAL {}, PNEUMONIA {})".format(*(pct(groups[f"kermany/test/{label}"]["flagged"])
                                                 for label in ("NORMAL", "PNEUMONIA"))) in text
-    assert "CRD adult Normal {} / {}, CRD COVID-19 {} / {}, TBX11K {} / {}".format(
-        *(pct(loso[source][part]) for source in ("crd_normal", "crd_covid", "tbx11k")
+    assert "CRD adult Normal {} / {}, CRD COVID-19 {} / {}, TBX11K {} / {}, RSNA adults {} / {}".format(
+        *(pct(loso[source][part]) for source in ("crd_normal", "crd_covid", "tbx11k", "rsna")
           for part in ("train+val", "test"))) in text
-    assert f"misses by {80 - 100 * loso['crd_covid']['train+val']:.1f} points on train+val" in text
-    for source in ("crd_normal/test", "crd_covid/test", "tbx11k/test"):  # what the model says of the films let through
-        [(label, count)] = groups[source]["not_flagged_said"].items()
-        assert f"{count} of {count} {label}" in text, source
+    assert min(v["train+val"] for v in loso.values()) >= 0.8 and "(goal >= 80%: met)" in text
+    for source in ("crd_normal/test", "crd_covid/test", "tbx11k/test", "rsna/test"):  # said of those let through
+        said = groups[source]["not_flagged_said"]
+        assert f"{max(said.values())} of {sum(said.values())} {max(said, key=said.get)}" in text, source
     calibration = load_json("docs/pneumonia/calibration.json")
     assert ("ECE val {:.4f} -> {:.4f}, test {:.4f} -> {:.4f}; Brier test {:.4f} -> {:.4f}".format(
         *(calibration[split][when][score] for split, score in (("val", "ece"), ("test", "ece"), ("test", "brier"))
@@ -252,12 +250,14 @@ def test_the_cxr4_card_quotes_its_reports(cxr4):
     cells = row(card, "own test")
     assert [int(n) for n in re.findall(r"(\d+)(?= /|$)", cells[0])] == [groups[k]["films"] for k in own_test]
     assert cells[1] == " / ".join(pct(groups[k]["flagged"]) for k in own_test)
-    normals, samples = groups["kermany/test/NORMAL"], groups["samples/test"]
-    assert row(card, f"Kermany pediatric NORMAL test films ({normals['films']}")[1] == pct(normals["flagged"])
+    samples = groups["samples/test"]
     assert row(card, f"samples/ ({samples['films']}")[1] == pct(samples["flagged"])
-    assert normals["flagged"] == 0  # so every one of them is answered, as the card's counts say
-    calls = sorted(normals["not_flagged_said"].items(), key=lambda kv: (kv[0] != "NORMAL", -kv[1]))
-    assert "calls them " + ", ".join(f"{label} {n}" for label, n in calls) + f" times of {normals['films']}" in text
+    for first_cell, key in (("Kermany pediatric NORMAL test films", "kermany/test/NORMAL"),
+                            ("RSNA adults with lung opacity, test films", "rsna/test/Lung Opacity")):
+        films = groups[key]  # none flagged, so every one of them is answered, as the card's counts say
+        assert films["flagged"] == 0 and row(card, f"{first_cell} ({films['films']}")[1] == pct(films["flagged"])
+        calls = sorted(films["not_flagged_said"].items(), key=lambda kv: (kv[0] != "NORMAL", -kv[1]))
+        assert "calls them " + ", ".join(f"{label} {n}" for label, n in calls) + f" times of {films['films']}" in text
     assert ("CRD Normal {} / {}, CRD COVID-19 {} / {}, TBX11K {} / {}, Kermany {} / {}".format(
         *(pct(loso[source][part]) for source in ("crd_normal", "crd_covid", "tbx11k", "kermany")
           for part in ("train+val", "test")))) in text
@@ -315,9 +315,9 @@ def test_trust_quotes_the_gate_population_and_cost_reports():
         assert "| {:.4f} | {:.4f} | {:.4f} | {:.4f} |".format(*scores) in trust, split
     groups, loso = (load_json("docs/population/pneumonia.json")[key] for key in ("groups", "loso"))
     assert f"it flags {pct(groups['kermany/val']['flagged'])} of Kermany val" in trust
-    assert f"| {pct(groups['kermany/test']['flagged'])} (not met by 1 film;" in trust
-    assert round((groups["kermany/test"]["flagged"] - 0.02) * groups["kermany/test"]["films"]) == 1
-    sources = ("crd_normal", "crd_covid", "tbx11k")
+    assert f"| {pct(groups['kermany/test']['flagged'])} (met;" in trust and groups["kermany/test"]["flagged"] <= 0.02
+    assert round(groups["samples/test"]["flagged"] * groups["samples/test"]["films"]) == 1  # "| 1 (a NORMAL film"
+    sources = ("crd_normal", "crd_covid", "tbx11k", "rsna")
     assert " / ".join(pct(groups[f"{s}/test"]["flagged"]) for s in sources) in trust
     assert " / ".join(f"{pct(loso[s]['train+val'])} ({pct(loso[s]['test'])})" for s in sources) in trust
     cost = load_json("docs/population/cost.json")

@@ -22,8 +22,8 @@ from tests.handler_support import (
     synthetic_xray,
     write_tiny_checkpoint,
 )
-from training.fit_population import fit_gaussian, fit_logistic, flagged, tap_columns, with_limit
-from training.population_data import catalog
+from training.fit_population import choose, fit_gaussian, fit_logistic, flagged, tap_columns, with_limit
+from training.population_data import catalog, with_rsna_classes
 
 REPO_MODELS = EXAMPLE_XRAYS.parent.parent.parent / "models"
 OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"
@@ -187,6 +187,24 @@ def test_the_kermany_copy_finder(tmp_path):
     sources = {film.path.name: film.source for film in catalog(tmp_path)}
     assert sources == {"IM-1.jpeg": "kermany", "p.jpeg": "kermany", "copy.jpg": "kermany_in_crd",
                        "adult.jpg": "crd_normal"}
+
+
+def test_rsna_films_get_their_rsna_class_and_the_rule_chooses_by_held_out_films(tmp_path):
+    """cxr4's negatives are RSNA films with findings (not its own RSNA normals): the manifest's class tells them
+    apart; with held-out films to flag, the rule takes the candidate flagging most of their val films among those
+    that keep the own val films."""
+    classes = {"train/NO_OPACITY/a.jpeg": "Normal", "train/NO_OPACITY/b.jpeg": "No Lung Opacity / Not Normal",
+               "val/OPACITY/c.jpeg": "Lung Opacity"}
+    for name in classes:
+        (tmp_path / "rsna" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(synthetic_xray(), mode="L").save(tmp_path / "rsna" / name)
+    (tmp_path / "rsna" / "manifest.csv").write_text("".join(f"{k},{v}\n" for k, v in [("file", "rsna_class"),
+                                                                                      *classes.items()]))
+    films = with_rsna_classes(catalog(tmp_path), tmp_path)
+    assert {f"{film.split}/{film.path.parent.name}/{film.path.name}": film.label for film in films} == classes
+    rows = {name: {"own_val": own_val, "loso": {}, "held_out": {"rsna findings": {"val": val, "test": 1 - val}}}
+            for name, own_val, val in (("a", 0.01, 0.4), ("b", 0.01, 0.5), ("c", 0.05, 0.9))}
+    assert choose(rows, "rsna findings") == "b"
 
 
 @pytest.mark.parametrize("name", ["pneumonia", "cxr4"])
