@@ -11,7 +11,7 @@ CXR_DATA ?= $(abspath ../shared/data)
 export CXR_DATA
 
 # Models `make serve` starts (each with its _eager archive for explanations): MODELS=pneumonia on a laptop.
-MODELS ?= pneumonia cxr4
+MODELS ?= pneumonia cxr4 adult
 # `make export` / `make archive` work on one model: NAME, its CHECKPOINT and EXPORT_DIR. VERSION 1.0 archives are
 # model_store/<name>.mar and <name>_<variant>.mar; any other VERSION adds -<version> to each file name, so it
 # never overwrites the running version and `cxr deploy <name>-<version>.mar` takes it as it is.
@@ -23,13 +23,14 @@ DEFAULT_VARIANT ?= auto
 THRESHOLD ?=
 DATA_pneumonia := $(CXR_DATA)/pneumonia
 DATA_cxr4 := $(CXR_DATA)/multiclass
+DATA_adult := $(CXR_DATA)/rsna
 GATE := models/gate/ood_gate.pt
 ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(wildcard cxr_core/*.py)
 # Reports of commands that measure go here; `REPORTS=docs` refreshes the committed ones on purpose.
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	export archive calibrate gate population population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 source-bias explain clean
+	model export archive calibrate gate population population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -114,6 +115,18 @@ runs/export-%/model.onnx: models/%/model.pt | $(STAMP)
 model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
 	$(PY) -m export.archive --export-dir runs/export-$* --model-store model_store --name $* --version 1.0
 
+# A model of your own films, from a labelled folder to archives in model_store/ (README, "Your own model"):
+# make model NAME=<name> DATA=<folder> [POSITIVE=<class>] [VERSION=1.0] [OTHER="<folder> ..."] [RULE=recall|youden]
+# [EXTRA="<CLASS>=<folder> ..."] [EPOCHS=10] [INTENDED="<whom the model is for>"]. Resumes where it stopped (runs/models/<name>/).
+model: setup
+	@test "$(origin NAME)" != file -a -n "$(DATA)" || \
+		{ echo "usage: make model NAME=<name> DATA=<folder> [POSITIVE=<class>] (see README, Your own model)"; exit 2; }
+	@scripts/system-deps.sh compiler
+	$(PY) -m training.make_model --name $(NAME) --data $(DATA) --version $(VERSION) \
+		$(if $(POSITIVE),--positive $(POSITIVE)) $(if $(RULE),--rule $(RULE)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(foreach o,$(OTHER),--other $(o)) $(foreach e,$(EXTRA),--extra $(e)) \
+		$(if $(INTENDED),--intended-population "$(INTENDED)")
+
 # The population check (docs/trust.md): fitted on the frozen model's feature statistics against the other
 # sources' training films, written into runs/population-$(NAME)/model.pt (copy it over $(CHECKPOINT) to ship it).
 population: setup
@@ -189,6 +202,21 @@ ship-cxr4:
 	mkdir -p models/cxr4 docs/cxr4
 	cp runs/cxr4-resnet18/model.pt runs/cxr4-resnet18/metrics.json runs/cxr4-resnet18/metrics.csv models/cxr4/
 	cp runs/cxr4-resnet18/curves.png runs/cxr4-resnet18/reports/*.md runs/cxr4-resnet18/reports/*.png docs/cxr4/
+
+# The adult model exactly as shipped (docs/model_cards/adult.md): made by `make model` on rsna/, then shipped.
+ADULT_INTENDED := Adult frontal chest X-rays (PA and AP, aged 18-92) like the NIH ChestX-ray8 films of the RSNA \
+	Pneumonia Detection Challenge; not children
+train-adult:
+	$(MAKE) model NAME=adult DATA=$(DATA_adult) POSITIVE=OPACITY EPOCHS=8 INTENDED="$(ADULT_INTENDED)"
+
+ship-adult:
+	test -f runs/models/adult/population/model.pt
+	mkdir -p models/adult docs/adult
+	cp runs/models/adult/population/model.pt models/adult/model.pt
+	cp runs/models/adult/model_card.md docs/model_cards/adult.md
+	cp runs/models/adult/report/*.md runs/models/adult/report/*.png runs/models/adult/report/*.json \
+		runs/models/adult/population/*.md runs/models/adult/population/*.png runs/models/adult/calibrate/*.md \
+		runs/models/adult/calibrate/*.png docs/adult/
 
 # How much of the 4-class model's skill is the source (cross-source probe, statistics-only model).
 source-bias: setup

@@ -79,6 +79,25 @@ def choose_threshold(y_true: np.ndarray, scores: np.ndarray, min_sensitivity: fl
     return float(positive_scores[max(needed, 1) - 1])
 
 
+def between_scores(scores: np.ndarray, threshold: float) -> float:
+    """The midpoint between `threshold` (one of `scores`) and the next lower score: the same decisions on these
+    scores, with no film sitting on the threshold, where the last bits of another runtime could flip it."""
+    lower = np.asarray(scores, dtype=np.float64)
+    lower = lower[lower < threshold]
+    return float((threshold + lower.max()) / 2) if len(lower) else float(threshold)
+
+
+def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold with the highest sensitivity + specificity - 1 (predict positive when score >= t)."""
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if y_true.all() or not y_true.any():
+        raise ValueError("cannot choose a threshold without both classes")
+    candidates = np.unique(scores)
+    index = [(scores[y_true] >= t).mean() - (scores[~y_true] >= t).mean() for t in candidates]
+    return float(candidates[int(np.argmax(index))])
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)

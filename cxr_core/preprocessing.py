@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 # Refuse decompression bombs ourselves with a clear message instead of PIL's warning/exception mix. 36 Mpx is
@@ -299,11 +300,19 @@ class TrainPreset:
         return self(self.eval_preset.decode(source))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.with_mask(image, None)[0]
+
+    def with_mask(self, image: Image.Image, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The augmented input and a (1, size, size) mask on it moved by the same random affine transform."""
         image = to_grayscale(image)
         config = self.eval_preset.config
         tensor = v2.functional.pil_to_tensor(self.eval_preset.resize(image))
-        tensor = self.augment(tensor)
-        return self.eval_preset.normalize(_to_channels(tensor, config.channels).float().div_(255.0))
+        if mask is None:
+            tensor = self.augment(tensor)
+        else:
+            tensor, mask = self.augment(tv_tensors.Image(tensor), tv_tensors.Mask(mask))
+            tensor, mask = tensor.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+        return self.eval_preset.normalize(_to_channels(tensor, config.channels).float().div_(255.0)), mask
 
 
 def preprocess(source: bytes | str | os.PathLike | Image.Image, config: PreprocessConfig) -> torch.Tensor:

@@ -6,6 +6,7 @@ from sklearn import metrics as skm
 
 from cxr.metrics import (
     average_precision,
+    between_scores,
     brier_score,
     choose_threshold,
     classification_report,
@@ -15,6 +16,7 @@ from cxr.metrics import (
     negative_log_likelihood,
     roc_auc,
     roc_curve,
+    youden_threshold,
 )
 from cxr_core.decision import apply_temperature, softmax
 
@@ -143,3 +145,13 @@ def test_brier_and_ece_match_their_definitions():
     confident = np.array([[0.9, 0.1]] * 10)
     assert expected_calibration_error(np.array([0] * 9 + [1]), confident) == pytest.approx(0.0, abs=1e-12)
     assert expected_calibration_error(np.array([0] * 5 + [1] * 5), confident) == pytest.approx(0.4)
+
+
+def test_a_chosen_threshold_sits_between_scores():
+    """No val film sits exactly on the served threshold, where another runtime's last bits could flip it."""
+    scores = np.array([0.1, 0.3, 0.3, 0.7])
+    threshold = between_scores(scores, 0.3)
+    assert threshold == pytest.approx(0.2) and ((scores >= threshold) == (scores >= 0.3)).all()
+    assert between_scores(scores, 0.1) == 0.1  # nothing lower: the threshold stays
+    y = np.array([0, 1, 0, 1])
+    assert youden_threshold(y, scores) == 0.3

@@ -25,6 +25,7 @@ from cxr.commands import command_parser
 from cxr.data import resolve_data_root
 from cxr.metrics import (
     HEADLINE_KEYS,
+    between_scores,
     brier_score,
     choose_threshold,
     classification_report,
@@ -32,6 +33,7 @@ from cxr.metrics import (
     fit_temperature,
     negative_log_likelihood,
     reliability_bins,
+    youden_threshold,
 )
 from cxr.report import figure, table
 from cxr_core.checkpoint import ServingConfig, load_checkpoint, write_checkpoint
@@ -78,9 +80,11 @@ class Calibration:
 
 
 def calibrate(checkpoint: dict[str, Any], data_root: Path, *, min_sensitivity: float, workers: int = 1,
-              report_dir: Path | None = None, splits: tuple[str, ...] = ("val", "test")) -> Calibration:
-    """Fit the temperature on val, re-choose the threshold on calibrated val, score every split before and
-    after. Reads `checkpoint` without changing it."""
+              report_dir: Path | None = None, splits: tuple[str, ...] = ("val", "test"),
+              rule: str = "recall") -> Calibration:
+    """Fit the temperature on val, re-choose the threshold on calibrated val (`rule`: recall, the highest
+    threshold keeping `min_sensitivity`; or youden, the highest sensitivity + specificity), score every split
+    before and after. Reads `checkpoint` without changing it."""
     uncalibrated = {**checkpoint, "temperature": 1.0}
     raw = {}
     for split in splits:
@@ -94,8 +98,11 @@ def calibrate(checkpoint: dict[str, Any], data_root: Path, *, min_sensitivity: f
     if positive is not None:
         labels, probabilities = raw["val"]
         calibrated = apply_temperature(probabilities, temperature)
-        threshold = choose_threshold(labels == positive, calibrated[:, positive], min_sensitivity)
-    report: dict[str, Any] = {"temperature": temperature, "threshold": threshold}
+        chosen = choose_threshold(labels == positive, calibrated[:, positive], min_sensitivity) \
+            if rule == "recall" else youden_threshold(labels == positive, calibrated[:, positive])
+        threshold = between_scores(calibrated[:, positive], chosen)
+    report: dict[str, Any] = {"temperature": temperature, "threshold": threshold,
+                              "rule": f"recall >= {min_sensitivity} on val" if rule == "recall" else "Youden on val"}
     metrics, scored_splits = {}, {}
     for split, (labels, probabilities) in raw.items():
         calibrated = apply_temperature(probabilities, temperature)
@@ -119,7 +126,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# Calibration", "",
              f"Temperature scaling fitted on val: **T = {report['temperature']:.3f}** (probabilities are "
              "softmax(logits / T)). "
-             + (f"Recall-first threshold re-chosen on the calibrated val probabilities: {report['threshold']:.4f}."
+             + (f"Threshold re-chosen on the calibrated val probabilities ({report.get('rule', 'recall-first')}): "
+                f"{report['threshold']:.4f}."
                 if report.get("threshold") is not None else "Argmax decisions (no threshold)."), "",
              *table(["split", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before", "NLL after"])]
     for split in ("val", "test"):
