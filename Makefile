@@ -206,8 +206,10 @@ ship-cxr4:
 # The adult model exactly as shipped (docs/model_cards/adult.md): made by `make model` on rsna/, then shipped.
 ADULT_INTENDED := Adult frontal chest X-rays (PA and AP, aged 18-92) like the NIH ChestX-ray8 films of the RSNA \
 	Pneumonia Detection Challenge; not children
-train-adult:
-	$(MAKE) model NAME=adult DATA=$(DATA_adult) POSITIVE=OPACITY EPOCHS=8 INTENDED="$(ADULT_INTENDED)"
+train-adult: setup
+	@scripts/system-deps.sh compiler
+	$(PY) -m training.make_model --shipped --name adult --data $(DATA_adult) --positive OPACITY --epochs 8 \
+		--intended-population "$(ADULT_INTENDED)"
 
 ship-adult:
 	test -f runs/models/adult/population/model.pt

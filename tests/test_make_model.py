@@ -109,8 +109,9 @@ def test_bad_inputs_stop_before_training(own_films, tmp_path):
     runs, store = tmp_path / "runs", tmp_path / "store"
     with pytest.raises(DataError, match="POSITIVE=<one of NORMAL, PNEUMONIA>"):
         make_model(request(own_films, positive=None), runs=runs, model_store=store)
-    with pytest.raises(DataError, match="already served"):
-        make_model(request(own_films, name="cxr4"), runs=runs, model_store=store)
+    for served in ("cxr4", "adult"):
+        with pytest.raises(DataError, match="already served"):
+            make_model(request(own_films, name=served), runs=runs, model_store=store)
     store.mkdir()
     (store / "ours.mar").write_bytes(b"the user's archive")
     with pytest.raises(DataError, match="VERSION="):

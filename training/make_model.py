@@ -164,6 +164,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="whom the model is for, one line (e.g. 'Adult frontal chest X-rays, PA and AP')")
     parser.add_argument("--runs", default=str(REPO / "runs" / "models"), help="where run folders go")
     parser.add_argument("--model-store", default=str(REPO / "model_store"))
+    parser.add_argument("--shipped", action="store_true",
+                        help="remake a shipped model under its own name (make train-adult); archives in the model "
+                             "store still stop the run")
     parser.add_argument("--stop-after", default=None, help="stop after this step (resume later)")
     return parser
 
@@ -177,7 +180,8 @@ def main(args: argparse.Namespace) -> Run:
                       data_root=str(root.resolve()) if root.is_dir() else None,
                       intended=args.intended_population)
     try:
-        run = make_model(request, runs=Path(args.runs), model_store=Path(args.model_store),
+        served = tuple(name for name in SERVED_MODELS if not (args.shipped and name == args.name))
+        run = make_model(request, runs=Path(args.runs), model_store=Path(args.model_store), served=served,
                          stop_after=args.stop_after)
     except DataError as error:
         raise SystemExit(f"make model: {error}") from None

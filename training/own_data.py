@@ -39,7 +39,7 @@ from cxr_core.variants import VARIANTS
 SPLITS = ("train", "val", "test")
 FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 DICOM_EXTENSIONS = (".dcm", ".dicom")
-SERVED_MODELS = ("pneumonia", "cxr4")
+SERVED_MODELS = ("pneumonia", "cxr4", "adult")
 MANIFEST = "manifest.csv"
 MAX_BAD_SHARE = 0.01  # unreadable or non-X-ray files: left out below this share of all files, a stop at or above
 MAX_FILE_BYTES = 200_000_000  # a film is a few MB at most; a bigger file is something else, never read whole
