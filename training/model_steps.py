@@ -30,6 +30,19 @@ BOX_COLUMNS = ("boxes", "opacity_boxes_xywh")  # a manifest column of boxes arou
 MIN_GATE_ACCEPTED = 0.99
 
 
+def _refuse_taken_archives(run: Run) -> list[str]:
+    """The archive names of this model and version; DataError when one is in the model store already (checked
+    before training and again before archiving: an archive is never overwritten)."""
+    from export.archive import archive_stem
+
+    stems = [archive_stem(run.request.name, variant, run.request.version) for variant in (None, *VARIANTS)]
+    taken = [stem for stem in stems if (run.model_store / f"{stem}.mar").exists()]
+    if taken:
+        raise DataError(f"{run.model_store / taken[0]}.mar exists already: make a new version with VERSION=<x.y> "
+                        "(an archive is never overwritten)")
+    return stems
+
+
 def _plan(run: Run) -> dict[str, Any]:
     return json.loads(run.path("plan.json").read_text())
 
@@ -71,12 +84,7 @@ def _boxes(data: Path) -> dict[str, str] | None:
 
 def check(run: Run) -> dict[str, Any]:
     request = run.request
-    for stem in (request.name, f"{request.name}_eager"):
-        suffix = "" if request.version == "1.0" else f"-{request.version}"
-        existing = run.model_store / f"{stem}{suffix}.mar"
-        if existing.exists():
-            raise DataError(f"{existing} exists already: make a new version with VERSION=<x.y> (it is never "
-                            "overwritten)")
+    _refuse_taken_archives(run)
     plan = plan_data(Path(request.data), name=request.name, positive=request.positive, seed=request.seed,
                      served=run.served)
     print(describe(plan))
@@ -225,14 +233,10 @@ def export(run: Run) -> dict[str, Any]:
 
 
 def archive(run: Run) -> dict[str, Any]:
-    from export.archive import archive_stem
     from export.archive import get_args_parser as archive_args
     from export.archive import main as build
 
-    stems = [archive_stem(run.request.name, variant, run.request.version) for variant in (None, *VARIANTS)]
-    taken = [stem for stem in stems if (run.model_store / f"{stem}.mar").exists()]
-    if taken:
-        raise DataError(f"{run.model_store / taken[0]}.mar exists already: pass VERSION=<x.y> for a new version")
+    stems = _refuse_taken_archives(run)
     args = archive_args().parse_args(["--export-dir", str(run.path("export")), "--model-store", str(run.model_store),
                                       "--name", run.request.name, "--version", run.request.version])
     built = build(args)
