@@ -283,9 +283,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--multiclass", default=str(data_root() / "multiclass"))
     parser.add_argument("--adult-check", default="models/pneumonia/model.pt",
                         help="a model whose population check flags non-pediatric films ('' to skip)")
-    parser.add_argument("--output", default="runs/adults/cxr4.md")
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--output", default="runs/adults/cxr4.md")
     return parser
 
 

@@ -31,6 +31,7 @@ from cxr.metrics import roc_auc
 from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr_core.models import build_model
 from cxr_core.preprocessing import EvalPreset, PreprocessConfig, TrainPreset
+from training.train import learning_rate, update
 
 Box = tuple[float, float, float, float]  # x, y, w, h in the film's pixels
 
@@ -116,13 +117,18 @@ def starting_model(init: Path, class_names: Sequence[str], positive: str | None)
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, samples: Sequence[Sample], config: PreprocessConfig, workers: int = 1,
-                    batch_size: int = 64) -> np.ndarray:
-    """The last stage's pooled features of `samples` (what the last layer reads)."""
+def forward_films(model: nn.Module, samples: Sequence[Sample], config: PreprocessConfig, workers: int = 1,
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities of `samples`, in order, and the last stage's pooled features (what the last layer
+    reads)."""
     loader = DataLoader(FilmDataset(samples, EvalPreset(config)), batch_size=batch_size, num_workers=workers)
     model.eval()
-    return torch.cat([torch.flatten(model.avgpool(activation_map(model, images)[1]), 1)
-                      for images, *_ in loader]).numpy()
+    probabilities, pooled = [], []
+    for images, *_ in loader:
+        logits, features = activation_map(model, images)
+        probabilities.append(torch.softmax(logits, dim=1))
+        pooled.append(torch.flatten(model.avgpool(features), 1))
+    return torch.cat(probabilities).numpy(), torch.cat(pooled).numpy()
 
 
 def choose_start(candidates: Sequence[Path], train: Sequence[Sample], val: Sequence[Sample],
@@ -137,8 +143,8 @@ def choose_start(candidates: Sequence[Path], train: Sequence[Sample], val: Seque
         checkpoint = load_checkpoint(path)
         model, config = model_from_checkpoint(checkpoint), preprocess_config(checkpoint)
         fitted = LogisticRegression(C=0.1, class_weight="balanced", max_iter=3000).fit(
-            pooled_features(model, train, config), train_labels)
-        scores[str(path)] = auc(val_labels, fitted.predict_proba(pooled_features(model, val, config)), positive)
+            forward_films(model, train, config)[1], train_labels)
+        scores[str(path)] = auc(val_labels, fitted.predict_proba(forward_films(model, val, config)[1]), positive)
         print(f"start candidate {path}: val AUC of a logistic layer on its frozen features {scores[str(path)]:.4f}")
     return Path(max(scores, key=scores.get)), scores
 
@@ -161,23 +167,6 @@ def localisation_loss(model: nn.Module, features: torch.Tensor, masks: torch.Ten
     cam = torch.einsum("c,bchw->bhw", weight, features[known]) + bias
     target = F.adaptive_avg_pool2d(masks[known], cam.shape[-2:])[:, 0]
     return F.binary_cross_entropy_with_logits(cam, target)
-
-
-def learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, samples: Sequence[Sample], config: PreprocessConfig, workers: int = 1,
-            batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities of `samples`, in order."""
-    loader = DataLoader(FilmDataset(samples, EvalPreset(config)), batch_size=batch_size, num_workers=workers)
-    model.eval()
-    outputs = [torch.softmax(model(images), dim=1) for images, *_ in loader]
-    return torch.cat(outputs).numpy()
 
 
 def fine_tune(model: nn.Module, config: PreprocessConfig, train: Sequence[Sample], val: Sequence[Sample],
@@ -207,12 +196,10 @@ def fine_tune(model: nn.Module, config: PreprocessConfig, train: Sequence[Sample
             loss = criterion(logits, targets)
             if recipe.box_weight and positive is not None:
                 loss = loss + recipe.box_weight * localisation_loss(model, features, masks, known, positive)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            update(optimizer, loss)
             step += 1
             losses.append(loss.item())
-        probabilities = predict(model, val, config, workers)
+        probabilities = forward_films(model, val, config, workers)[0]
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auc": auc(labels, probabilities, positive),
                "seconds": time.perf_counter() - started}
         history.append(row)

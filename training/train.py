@@ -99,6 +99,13 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimisation step on `loss`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def subset(dataset: XrayFolder, limit: int | None, seed: int) -> XrayFolder:
     """Keep a class-stratified random `limit` images (for smoke runs and tests)."""
     if limit is None or limit >= len(dataset):
@@ -133,9 +140,7 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             loss = criterion(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        update(optimizer, loss)
         step += 1
         seen += len(targets)
         loss_sum += loss.item() * len(targets)
