@@ -61,6 +61,16 @@ def _failure_modes(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[
     return lines
 
 
+def _options(request: Any) -> str:
+    """The make options a run used beyond NAME, DATA and POSITIVE, as typed."""
+    default = type(request)(name=request.name, data=request.data)
+    shown = [f"VERSION={request.version}" if request.version != default.version else "",
+             f"RULE={request.rule}" if request.rule != default.rule else "",
+             f"EPOCHS={request.recipe.epochs}" if request.recipe.epochs != default.recipe.epochs else "",
+             *(f"OTHER={_shown(folder)}" for folder in request.others), *(f"EXTRA={item}" for item in request.extra)]
+    return "".join(f" {option}" for option in shown if option)
+
+
 def write_card(run: Run) -> Path:
     request, steps = run.request, run.state["steps"]
     plan = json.loads(run.path("plan.json").read_text())
@@ -87,7 +97,7 @@ def write_card(run: Run) -> Path:
         f"`{hashlib.sha256(checkpoint_file.read_bytes()).hexdigest()}`: "
         f"epoch {train['best_epoch']} of {train['epochs']} (best val AUC {train['val_auc']:.3f}).",
         f"- Made with `make model NAME={request.name} DATA={_shown(request.data)}"
-        + (f" POSITIVE={positive}" if positive else "") + "`.", "",
+        + (f" POSITIVE={positive}" if positive else "") + _options(request) + "`.", "",
         "## Intended use",
         f"- Intended population: **{check.get('intended_population', 'films like its training films')}.**",
         "- Out of scope: any clinical decision; films unlike the training films (the population check refuses "
