@@ -47,19 +47,19 @@ def evaluate(client: Client, model: str, folder: Path, threads: int = 4) -> dict
     served_labels = Counter(answer["label"] for _, answer in answered)
     counts = {"films": len(films), "answered": len(answered), "refused": dict(refused),
               "labels_answered": dict(served_labels)}
-    class_names = list(answered[0][1]["probabilities"]) if answered else []
-    if not answered or any(label not in class_names for label, _ in answered):  # another data set's classes
+    if not answered:
+        return counts
+    version, threshold = answered[0][1]["version"], answered[0][1]["threshold"]
+    [described] = client.describe(model, version, customized=True)  # the handler's classes and positive class
+    served = described.get("customizedMetadata") or {}
+    class_names, positive_class = list(served["class_names"]), served.get("positive_class")
+    if any(label not in class_names for label, _ in answered):  # another data set's classes: counts only
         return counts
     labels = np.array([class_names.index(label) for label, _ in answered])
     probabilities = np.array([[answer["probabilities"][name] for name in class_names] for _, answer in answered])
-    threshold = answered[0][1]["threshold"]
-    positive = None
-    if threshold is not None:  # the class the threshold is for: the one the served label follows at the threshold
-        positive = next(k for k, name in enumerate(class_names)
-                        if all((p[k] >= threshold) == (a["label"] == name) for p, (_, a) in
-                               zip(probabilities, answered, strict=True)))
+    positive = class_names.index(positive_class) if positive_class else None
     report = classification_report(labels, probabilities, class_names, positive_index=positive, threshold=threshold)
-    return {**counts, "threshold": threshold, "version": answered[0][1]["version"], "report": report}
+    return {**counts, "threshold": threshold, "version": version, "report": report}
 
 
 def markdown(model: str, folder: Path, result: dict[str, Any]) -> str:
