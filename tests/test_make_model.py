@@ -104,6 +104,24 @@ def test_dicom_films_are_decoded_once_into_the_run_tree(tmp_path):
     assert linked.is_symlink() and linked.resolve() == jpeg.resolve()
 
 
+def test_extra_films_that_copy_a_held_out_film_stay_out(tmp_path):
+    """EXTRA= adds training films, never one whose pixels are a val or test film's (a leak into the figures)."""
+    from training.model_steps import _extra_samples
+
+    normal, pneumonia = image_files(EXAMPLE_XRAYS, "NORMAL/*")[:2], image_files(EXAMPLE_XRAYS, "PNEUMONIA/*")[0]
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for path in (*normal, pneumonia):
+        shutil.copy(path, extra / path.name)
+    run = Run(request(tmp_path, extra=(f"NORMAL={extra}",)), tmp_path / "run", tmp_path / "store")
+    kept = _extra_samples(run, ["NORMAL", "PNEUMONIA"], held=[pneumonia])
+    assert sorted(sample.path.name for sample in kept) == sorted(path.name for path in normal)
+    assert {sample.label for sample in kept} == {0}
+    with pytest.raises(DataError, match="EXTRA=OTHER="):
+        _extra_samples(replace(run, request=request(tmp_path, extra=(f"OTHER={extra}",))), ["NORMAL", "PNEUMONIA"],
+                       held=[pneumonia])
+
+
 def test_bad_inputs_stop_before_training(own_films, tmp_path):
     runs, store = tmp_path / "runs", tmp_path / "store"
     with pytest.raises(DataError, match="POSITIVE=<one of NORMAL, PNEUMONIA>"):

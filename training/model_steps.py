@@ -113,19 +113,20 @@ def _samples(run: Run, split: str, class_names: list[str], boxes: dict[str, str 
 
 
 def _extra_samples(run: Run, class_names: list[str], held: list[Path]) -> list[Sample]:
-    """CLASS=FOLDER training films, without any that looks like one of the val/test films (same pixels)."""
-    from training.population_data import COPY_CORRELATION, thumbnail
+    """CLASS=FOLDER training films, without any that is a copy of one of the val/test films (same pixels)."""
+    from training.population_data import copies, thumbnails
 
     extra = []
-    reference = np.stack([thumbnail(path) for path in tqdm(held, desc="val/test thumbnails", leave=False)])
+    reference = thumbnails(held, "val/test thumbnails")
     for item in run.request.extra:
         name, _, folder = item.partition("=")
         if name not in class_names or not Path(folder).is_dir():
             raise DataError(f"EXTRA={item}: need CLASS=FOLDER with CLASS one of {', '.join(class_names)} and an "
                             "existing folder")
-        for path in tqdm(image_files(folder, "**/*"), desc=f"extra {name}", leave=False):
-            if (reference @ thumbnail(path)).max() < COPY_CORRELATION:
-                extra.append(Sample(path, class_names.index(name), None))
+        paths = image_files(folder, "**/*")
+        copied = copies(thumbnails(paths, f"extra {name}"), reference)
+        extra += [Sample(path, class_names.index(name), None) for path, copy in zip(paths, copied, strict=True)
+                  if not copy]
     return extra
 
 
