@@ -66,13 +66,19 @@ def parse_boxes(text: str) -> tuple[Box, ...]:
     return tuple(boxes)
 
 
+def box_on_input(box: Box, film_size: tuple[int, int], input_size: int) -> Box:
+    """A box in the film's pixels as (x, y, w, h) on the square model input the film is squashed to."""
+    width, height = film_size
+    sx, sy = input_size / width, input_size / height
+    x, y, w, h = box
+    return x * sx, y * sy, w * sx, h * sy
+
+
 def box_mask(boxes: Sequence[Box], film_size: tuple[int, int], side: int) -> torch.Tensor:
     """A (1, side, side) 0/1 mask of the boxes on the squashed square input."""
     mask = torch.zeros(1, side, side)
-    width, height = film_size
-    for x, y, w, h in boxes:
-        left, right = int(side * x / width), math.ceil(side * (x + w) / width)
-        top, bottom = int(side * y / height), math.ceil(side * (y + h) / height)
+    for x, y, w, h in (box_on_input(box, film_size, side) for box in boxes):
+        left, right, top, bottom = int(x), math.ceil(x + w), int(y), math.ceil(y + h)
         mask[0, max(top, 0):min(bottom, side), max(left, 0):min(right, side)] = 1.0
     return mask
 

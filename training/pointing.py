@@ -30,18 +30,10 @@ from cxr.report import figure
 from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr_core.explain import grad_cam, model_view
 from cxr_core.preprocessing import EvalPreset
-from training.fine_tune import Box, parse_boxes
+from training.fine_tune import Box, box_on_input, parse_boxes
 
 Film = tuple[Path, tuple[Box, ...]]
 BOX_COLUMN = "opacity_boxes_xywh"
-
-
-def box_on_input(box: Box, film_size: tuple[int, int], input_size: int) -> Box:
-    """A box in the film's pixels as (x, y, w, h) on the square model input the film is squashed to."""
-    width, height = film_size
-    sx, sy = input_size / width, input_size / height
-    x, y, w, h = box
-    return x * sx, y * sy, w * sx, h * sy
 
 
 def inside_any(point: tuple[float, float], boxes: Sequence[Box]) -> bool:
