@@ -25,11 +25,11 @@ from typing import Any
 
 from cxr.commands import command_parser
 from cxr.paths import REPO, data_root
+from export.archive import FIRST_VERSION
 from training.fine_tune import Recipe
 from training.own_data import SERVED_MODELS, DataError
 
 STATE = "state.json"
-FIRST_VERSION = "1.0"
 THRESHOLD_RULES = ("recall", "youden")
 
 
