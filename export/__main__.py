@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # A clone without the data can still export and serve: fp32 parity is checked on the committed example
         # X-rays, and int8 (which needs the training images to calibrate) is left out.
         print(f"WARNING: {data_root / 'val'} not found: checking on {EXAMPLE_XRAYS} and skipping int8")
-        val_images, _ = load_images(XrayFolder(EXAMPLE_XRAYS, preset, checkpoint["class_names"]), None, 0,
+        val_images, _ = load_images(XrayFolder(EXAMPLE_XRAYS, preset), None, 0,  # labels unused: any classes
                                     "example X-rays")
         val_labels, check_source = None, f"the {len(val_images)} example X-rays (no data found)"
         formats = [name for name in formats if name != "int8"]

@@ -8,6 +8,7 @@ import pytest
 from cxr_core.backends import load_backend
 from export import __main__ as export_cli
 from export import archive
+from tests.conftest import REPO
 from tests.handler_support import write_tiny_checkpoint
 
 
@@ -28,6 +29,16 @@ def test_export_without_data_checks_on_the_example_xrays(tmp_path):
     assert backend.config.class_names == ("NORMAL", "PNEUMONIA") and backend.config.threshold == 0.5
     assert json.loads((tmp_path / "out" / "export_report.json").read_text())["variants"]["eager"]["check"] == "pass"
     assert archive.fastest_exact_variant(tmp_path / "out") in ("eager", "ts")
+
+
+def test_a_model_of_other_classes_exports_without_data(tmp_path):
+    """The adult model (OPACITY / NO_OPACITY) in a clone without the data: checked on the example X-rays, whose
+    folders name other classes (their labels are not used)."""
+    args = export_cli.get_args_parser().parse_args(
+        ["--checkpoint", str(REPO / "models" / "adult" / "model.pt"), "--data", str(tmp_path / "no-data"),
+         "--output-dir", str(tmp_path / "out"), "--formats", "onnx", "--repeats", "1"])
+    report = export_cli.main(args)
+    assert "20 example X-rays" in report["checked_on"] and report["variants"]["onnx"]["check"] == "pass"
 
 
 def test_a_failed_check_fails_the_command(tmp_path, capsys):
