@@ -305,7 +305,7 @@ def test_cli_prints_the_plan_or_stops_with_the_one_line(tmp_path, films, capsys)
 def test_rsna_plans_as_its_readme_says():
     """rsna/ as given: the README's table, less the few films the gate refuses (under 1%, listed)."""
     root = required_dataset("rsna")
-    plan = plan_data(root, name="adult", positive="OPACITY")
+    plan = plan_data(root, name="adult_films", positive="OPACITY")
     assert plan.layout == "split_folders" and plan.class_names == ("NO_OPACITY", "OPACITY")
     counts = split_counts(plan)
     for item in plan.left_out:
