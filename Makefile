@@ -30,7 +30,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	model export archive calibrate gate population population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
+	model export archive calibrate gate population narrow-cxr4 population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -132,6 +132,12 @@ model: setup
 population: setup
 	$(PY) -m training.fit_population --checkpoint $(CHECKPOINT) --name $(NAME) \
 		--output runs/population-$(NAME)/model.pt --report-dir $(REPORTS)/population
+
+# cxr4's NORMAL answered for children only (training/narrow_class.py, docs/trust.md), after `make population
+# NAME=cxr4`: runs/narrow-cxr4/model.pt (copy it over models/cxr4/model.pt to ship it).
+narrow-cxr4: setup
+	$(PY) -m training.narrow_class --checkpoint models/cxr4/model.pt --output runs/narrow-cxr4/model.pt \
+		--report $(REPORTS)/population/cxr4_normal_children.md
 
 # What the population check costs (docs/trust.md): the checkpoint exported with and without it, timed side by side,
 # the model alone and through TorchServe -> $(REPORTS)/population/cost.json.

@@ -1,4 +1,10 @@
-"""Grad-CAM for the eager model: where the network looked for its predicted class."""
+"""Grad-CAM for the eager model: where the network found evidence for a class.
+
+The explained score is the class's margin over the mean logit, not its logit alone: softmax (and so every answer)
+depends only on the differences between logits, and evidence that raises every logit alike explains no class.
+For a two-class model that is half the logit difference; for a torchvision ResNet (average pool + linear layer)
+the heatmap is that margin's class activation map, the map the box-guided training (training.fine_tune) shapes.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ def grad_cam(model: nn.Module, arch: str, batch: torch.Tensor, targets: list[int
     try:
         with torch.enable_grad():
             logits = model(batch)
-            chosen = logits[torch.arange(len(targets)), torch.as_tensor(targets)].sum()
+            margins = logits - logits.mean(dim=1, keepdim=True)
+            chosen = margins[torch.arange(len(targets)), torch.as_tensor(targets)].sum()
             gradients = torch.autograd.grad(chosen, captured["maps"])[0]
     finally:
         hook.remove()

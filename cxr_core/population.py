@@ -10,6 +10,11 @@ standard deviation of every channel after each ResNet stage (`TAPS`), standardis
     other source to be told apart from).
 
 A score above `limit` is outside (`outside`: the one rule, for fitting, reports, export checks and serving).
+A check may also narrow one class (`NARROW_KEY`): a class whose boundary was learned on part of the population
+only (cxr4's NORMAL vs PNEUMONIA: children) is answered only for films like that part; a second logistic layer
+on the same features scores "unlike that part", and when the model's most likely class is the narrowed one, the
+film's population score is raised above `limit` where that second score is above its own limit (the fit:
+training/narrow_class.py).
 `CheckedModel` fuses the check into the model's graph (`forward -> (logits, population)`), so TorchScript,
 ONNX, int8 and AOTInductor files carry it as a second output and it costs one pass. The fitted tensors travel
 in the checkpoint under `population_check`; the settings (`PopulationSettings`) in the serving config
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 CHECKPOINT_KEY = "population_check"
+NARROW_KEY = "narrow_class"  # optional, inside the check: {"class_index", "limit", center, scale, weights, bias}
 TAPS = ("layer1", "layer2", "layer3", "layer4")
 KINDS = ("logistic", "gaussian")
 
@@ -110,10 +116,24 @@ class CheckedModel(nn.Module):
         self.model, self.kind = model, check["kind"]
         for name, tensor in check_tensors(check).items():
             self.register_buffer(name, tensor)
+        narrow = check.get(NARROW_KEY)
+        self.narrow_class = None if narrow is None else int(narrow["class_index"])
+        if narrow is not None:
+            for name, tensor in check_tensors(narrow).items():
+                self.register_buffer(f"narrow_{name}", tensor)
+            self.register_buffer("narrow_limit", torch.tensor(float(narrow["limit"])))
+            # moves a narrow score above its limit onto the check's scale: above the check's limit by as much
+            self.register_buffer("narrow_shift", torch.tensor(float(check["limit"]) - float(narrow["limit"])))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = resnet_forward(self.model, images)
-        return logits, population_score(features, self.center, self.scale, self.weights, self.bias, self.kind)
+        score = population_score(features, self.center, self.scale, self.weights, self.bias, self.kind)
+        if self.narrow_class is not None:
+            narrow = population_score(features, self.narrow_center, self.narrow_scale, self.narrow_weights,
+                                      self.narrow_bias, "logistic")
+            refused = (logits.argmax(dim=1) == self.narrow_class) & (narrow > self.narrow_limit)
+            score = torch.where(refused, torch.maximum(score, narrow + self.narrow_shift), score)
+        return logits, score
 
 
 def verdict(score: float | None, settings: PopulationSettings | None, mode: str) -> dict[str, Any]:
