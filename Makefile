@@ -215,7 +215,7 @@ ADULT_INTENDED := Adult frontal chest X-rays (PA and AP, aged 18-92) like the NI
 train-adult: setup
 	@scripts/system-deps.sh compiler
 	$(PY) -m training.make_model --shipped --name adult --data $(DATA_adult) --positive OPACITY --epochs 8 \
-		--intended-population "$(ADULT_INTENDED)"
+		--intended-population "$(ADULT_INTENDED)" --model-card docs/model_cards/adult.md
 
 ship-adult:
 	test -f runs/models/adult/population/model.pt

@@ -159,6 +159,7 @@ def test_one_command_from_folder_to_served_model(own_films, tmp_path, capsys):
     checkpoint = load_checkpoint(run.path("population", "model.pt"))
     assert checkpoint["class_names"] == ["NORMAL", "PNEUMONIA"] and 0.0 < checkpoint["threshold"] < 1.0
     assert checkpoint["population_check"]["limit"] > 0
+    assert checkpoint["population_check"]["model_card"] == str(run.path("model_card.md").resolve())  # refusals
     card = run.path("model_card.md").read_text()
     for section in ("## Model details", "## Intended use", "## Metrics", "## The population check",
                     "## Calibration", "## Time of each step"):

@@ -43,7 +43,8 @@ def user(tmp_path_factory) -> dict[str, Path]:
 
 def fit(user: dict[str, Path], out: Path, **options) -> dict:
     return fit_own_check(user["checkpoint"], name="mine", data_tree=user["tree"], output=out / "model.pt",
-                         report_dir=out / "report", intended_population="the user's test films", threads=1,
+                         report_dir=out / "report", intended_population="the user's test films",
+                         model_card="runs/models/mine/model_card.md", threads=1,
                          **{"data_root": None, "own_source": None, **options})
 
 
@@ -60,7 +61,7 @@ def test_the_check_is_stored_loads_and_scores_and_a_copy_of_the_data_is_not_a_ne
     checkpoint = load_checkpoint(tmp_path / "model.pt")
     check = checkpoint[CHECKPOINT_KEY]
     assert check["kind"] in KINDS and check["method"] == summary["method"]
-    assert check["model_card"] == "model_card.md" and check["metrics"]["limit"] == check["limit"]
+    assert check["model_card"] == "runs/models/mine/model_card.md" and check["metrics"]["limit"] == check["limit"]
     assert PopulationSettings.from_dict(check).intended_population == "the user's test films"
     preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
     val = image_files(user["tree"] / "val", "*/*")

@@ -48,6 +48,7 @@ class Request:
     recipe: Recipe = field(default_factory=Recipe)
     data_root: str | None = None  # the shared data sets: every other source there is a population negative
     intended: str | None = None  # whom the model is for, in one line (answers and card); default: from the data
+    model_card: str | None = None  # where refusals say the card is; default: the run folder's model_card.md
     seed: int = 0
 
     def as_json(self) -> dict[str, Any]:
@@ -162,6 +163,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "../shared/data): their other sources are the population check's negatives")
     parser.add_argument("--intended-population", default=None,
                         help="whom the model is for, one line (e.g. 'Adult frontal chest X-rays, PA and AP')")
+    parser.add_argument("--model-card", default=None, help="where refusals say the model card is (default: "
+                        "the run folder's model_card.md; a shipped model: docs/model_cards/<name>.md)")
     parser.add_argument("--runs", default=str(REPO / "runs" / "models"), help="where run folders go")
     parser.add_argument("--model-store", default=str(REPO / "model_store"))
     parser.add_argument("--shipped", action="store_true",
@@ -178,7 +181,7 @@ def main(args: argparse.Namespace) -> Run:
                       others=tuple(str(Path(o).resolve()) for o in args.other), extra=tuple(args.extra),
                       recipe=Recipe(epochs=args.epochs, box_weight=args.box_weight),
                       data_root=str(root.resolve()) if root.is_dir() else None,
-                      intended=args.intended_population)
+                      intended=args.intended_population, model_card=args.model_card)
     try:
         served = tuple(name for name in SERVED_MODELS if not (args.shipped and name == args.name))
         run = make_model(request, runs=Path(args.runs), model_store=Path(args.model_store), served=served,

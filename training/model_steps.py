@@ -43,6 +43,11 @@ def _refuse_taken_archives(run: Run) -> list[str]:
     return stems
 
 
+def _shown(path: Path) -> str:
+    """A path as answers name it: relative to the repository where it lies inside it."""
+    return str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else str(path.resolve())
+
+
 def _plan(run: Run) -> dict[str, Any]:
     return json.loads(run.path("plan.json").read_text())
 
@@ -209,7 +214,8 @@ def population(run: Run) -> dict[str, Any]:
     summary = fit_own_check(run.path("calibrate", "model.pt"), name=request.name, data_tree=run.tree,
                             data_root=root, others=[Path(o) for o in request.others], own_source=own_source,
                             output=run.path("population", "model.pt"), report_dir=run.path("population"),
-                            intended_population=intended)
+                            intended_population=intended,
+                            model_card=request.model_card or _shown(run.path("model_card.md")))
     return {"method": summary.get("method"), "limit": summary.get("limit"),
             "excluded_sources": summary.get("excluded_sources")}
 

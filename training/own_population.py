@@ -136,7 +136,7 @@ def screen(own: list[Film], candidates: list[Film]) -> Screened:
 
 def fit_own_check(checkpoint_path: Path, *, name: str, data_tree: Path, data_root: Path | None,
                   others: Sequence[Path] = (), own_source: str | None, output: Path, report_dir: Path,
-                  intended_population: str, threads: int = 2) -> dict[str, Any]:
+                  intended_population: str, model_card: str, threads: int = 2) -> dict[str, Any]:
     """Fit, choose and report the check of the model at `checkpoint_path`; write a copy carrying it to `output`
     and the report to `report_dir`/population.{md,json}. Returns the report's summary."""
     torch.set_num_threads(threads)
@@ -189,7 +189,7 @@ def fit_own_check(checkpoint_path: Path, *, name: str, data_tree: Path, data_roo
                           chosen, lambda film: population[film.source], report_dir, stem="population",
                           command="training.own_population", notes=notes, extra=extra)
     write_checkpoint(output, {**checkpoint, CHECKPOINT_KEY: checkpoint_entry(
-        check, chosen, intended_population, "model_card.md", report["summary"])})
+        check, chosen, intended_population, model_card, report["summary"])})
     print(f"wrote {output} with the check {chosen!r} (limit {check['limit']:.4f}); report in {report_dir}")
     return report["summary"]
 
@@ -241,6 +241,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True)
     parser.add_argument("--report-dir", default=None, help="default: beside --output")
     parser.add_argument("--intended-population", required=True, help="one line: whom the model is for")
+    parser.add_argument("--model-card", required=True, help="where a refusal says the model card is")
     parser.add_argument("--threads", default=2, type=int)
     return parser
 
@@ -251,5 +252,6 @@ if __name__ == "__main__":
                             data_root=Path(args.data_root) if args.data_root else None,
                             others=[Path(folder) for folder in args.others], own_source=args.own_source,
                             output=Path(args.output), report_dir=Path(args.report_dir or Path(args.output).parent),
-                            intended_population=args.intended_population, threads=args.threads)
+                            intended_population=args.intended_population, model_card=args.model_card,
+                            threads=args.threads)
     print(json.dumps({key: summary[key] for key in ("method", "limit", "loso", "excluded_sources")}, indent=2))
