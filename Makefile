@@ -30,7 +30,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	model export archive calibrate gate population narrow-cxr4 population-cost lock loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
+	model export archive calibrate gate population narrow-cxr4 population-cost lock dicom-node pacs loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -95,13 +95,28 @@ test-image: setup image
 browser:
 	@scripts/system-deps.sh browser
 
+# The DICOM node's end-to-end tests send studies through Debian's Orthanc (a real PACS; AGPL, never shipped).
+pacs:
+	@scripts/system-deps.sh pacs
+
 # Starts TorchServe in the background on 127.0.0.1 (8080/8081/8082, gRPC 7070/7071), token auth on, serving
 # $(MODELS) and their _eager archives (Grad-CAM), and the demo page on http://127.0.0.1:8090/.
 serve: setup $(foreach m,$(MODELS),model_store/$(m).mar)
 	$(PY) -m cxr.server start --workdir logs/serve --models $(foreach m,$(MODELS),$(m)=$(m).mar $(m)_eager=$(m)_eager.mar)
 	$(PY) -m cxr.demo start --workdir logs/serve --models $(MODELS)
 
+# The DICOM node (README, "DICOM"): C-STORE SCP on 127.0.0.1:11112, AE title CXR, beside `make serve`; films from
+# the AE titles in DICOM_ALLOW are answered by DICOM_MODELS with an SR sent to DICOM_SEND_TO (AET@HOST:PORT) or kept
+# in logs/dicom/reports; `cxr audit` lists what it did.
+DICOM_ALLOW ?= ORTHANC
+DICOM_MODELS ?= pneumonia
+DICOM_SEND_TO ?=
+dicom-node: setup
+	$(PY) -m cxr.dicom.node start --workdir logs/serve --allow $(DICOM_ALLOW) --models $(DICOM_MODELS) \
+		$(if $(DICOM_SEND_TO),--send-to $(DICOM_SEND_TO)) $(if $(DICOM_CONFIG),--config $(DICOM_CONFIG))
+
 stop:
+	@test -x $(PY) && $(PY) -m cxr.dicom.node stop --workdir logs/serve || true
 	@test -x $(PY) && $(PY) -m cxr.demo stop --workdir logs/serve || true
 	@test -x $(PY) && $(PY) -m cxr.server stop --workdir logs/serve || echo "nothing to stop"
 
@@ -160,7 +175,7 @@ archive: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup compiler browser lint
+test: setup compiler browser pacs lint
 	$(PY) -m pytest
 
 # Unit and handler tests only: no TorchServe, no browser, no real-data evaluations (about a minute).

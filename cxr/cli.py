@@ -6,6 +6,8 @@
     cxr deploy ARCHIVE [--model NAME]     # new version next to the old, checked, made default, old retired
     cxr rollback [--model NAME]           # bring back the version the last deploy retired
     cxr scale WORKERS [--model NAME] [--version V]
+    cxr dicom-node --allow ORTHANC [--send-to ORTHANC@127.0.0.1:4242] [--config node.toml]   # cxr.dicom.node
+    cxr audit [--study UID] [--outcome answered|refused|skipped|rejected|pending] [--since ISO] [--spool DIR]
 
 `predict` prints one JSON answer per image, in order, on its own line (the same JSON as the REST API); an
 image that fails prints {"file", "code", "error", ...the refusal's fields} instead and makes the exit status
@@ -20,10 +22,15 @@ import argparse
 import base64
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from cxr import lifecycle
 from cxr.client import Client, PredictionError
+from cxr.dicom.node import add_options as add_node_options
+from cxr.dicom.node import config_from as node_config
+from cxr.dicom.node import serve as serve_node
+from cxr.dicom.spool import read_audit
 from cxr.paths import samples_dir
 from cxr.server import KeyFileError
 
@@ -35,6 +42,8 @@ EXAMPLES = {
     "deploy": "make archive VERSION=2.0 && cxr deploy pneumonia-2.0.mar",
     "rollback": "cxr rollback --model pneumonia",
     "scale": "cxr scale 2 --model pneumonia",
+    "dicom-node": "cxr dicom-node --allow ORTHANC --send-to ORTHANC@127.0.0.1:4242",
+    "audit": "cxr audit --outcome refused --since 2026-12-01T00:00",
 }
 
 
@@ -87,6 +96,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     scale.add_argument("workers", type=int)
     scale.add_argument("--model", default="pneumonia")
     scale.add_argument("--version", default=None)
+    node = commands.add_parser("dicom-node", help="the DICOM node: receive films, answer with SRs (foreground)",
+                               epilog=f"example:\n  {EXAMPLES['dicom-node']}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_node_options(node)
+    audit = commands.add_parser("audit", help="the DICOM node's audit log, one JSON line per row",
+                                epilog=f"example:\n  {EXAMPLES['audit']}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit.add_argument("--spool", default="logs/dicom", help="the node's spool folder")
+    audit.add_argument("--study", default=None, help="Study Instance UID")
+    audit.add_argument("--outcome", default=None,
+                       choices=["answered", "refused", "skipped", "rejected", "failed", "pending"])
+    audit.add_argument("--since", default=None, help="ISO time, e.g. 2026-12-01T08:00")
+    audit.add_argument("--until", default=None, help="ISO time")
     return parser
 
 
@@ -207,8 +229,28 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    def seconds(text: str | None) -> float | None:
+        return None if text is None else datetime.fromisoformat(text).timestamp()
+
+    try:
+        rows = read_audit(args.spool, study=args.study, outcome=args.outcome, since=seconds(args.since),
+                          until=seconds(args.until))
+    except FileNotFoundError as error:
+        print(f"cxr audit: {error}", file=sys.stderr)
+        return 1
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.command == "audit":
+        return _audit(args)
+    if args.command == "dicom-node":
+        serve_node(node_config(args))
+        return 0
     client = _client(args)
     try:
         return _run(client, args)

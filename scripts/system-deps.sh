@@ -7,6 +7,7 @@
 #   scripts/system-deps.sh compiler        # g++ for the AOTInductor export
 #   scripts/system-deps.sh containers      # podman + runc + mmdebstrap for `make image` (when no engine)
 #   scripts/system-deps.sh browser         # Debian's chromium + chromium-driver for the demo page's test (optional)
+#   scripts/system-deps.sh pacs            # Debian's Orthanc, the PACS the DICOM node's tests talk to (never shipped)
 #
 # Each step does nothing when what it needs is already there, and says what to do when it cannot install.
 set -euo pipefail
@@ -84,7 +85,13 @@ browser)
     if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
     apt_install chromium chromium-driver || echo "could not install chromium: the browser test will skip"
     ;;
+pacs)
+    # A real PACS for the DICOM node's end-to-end tests (tests/orthanc_support.py starts it on free loopback ports).
+    # Orthanc is AGPL: used by the tests on this machine, never part of what we ship.
+    if command -v Orthanc >/dev/null; then exit 0; fi
+    apt_install orthanc || echo "could not install orthanc: the PACS tests will skip"
+    ;;
 *)
-    echo "usage: $0 python PYTHON | disk DIR | java | compiler | containers | browser" >&2; exit 2
+    echo "usage: $0 python PYTHON | disk DIR | java | compiler | containers | browser | pacs" >&2; exit 2
     ;;
 esac

@@ -1,0 +1,381 @@
+"""The DICOM node: a C-STORE SCP on 127.0.0.1:11112 (AE title CXR) that queues what it receives (cxr.dicom.spool)
+and a worker that answers each eligible film (cxr.dicom.eligibility) through TorchServe with a Structured
+Report sent back to the PACS (or kept on disk) and a FHIR DiagnosticReport (cxr.dicom.results).
+
+    cxr dicom-node --allow ORTHANC --send-to ORTHANC@127.0.0.1:4242 [--config node.toml]
+    python -m cxr.dicom.node start / stop --workdir logs/serve    # what `make dicom-node` / `make stop` do
+
+While TorchServe is down, restarting or has not registered the model yet, films wait in the queue and are
+tried again (back-off up to `max_delay`); the key file is re-read when TorchServe answers 401 (a restarted
+TorchServe makes new keys). A film the server cannot answer for its own reasons (500) is tried `max_failures`
+times, then reported as not answered (an SR saying so), never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cxr.client import Client, PredictionError
+from cxr.dicom.eligibility import DECODED_SYNTAXES, skip_reason
+from cxr.dicom.results import Result, fhir_report, structured_report
+from cxr.dicom.spool import Queued, Spool
+from cxr.paths import REPO
+from cxr.server import read_key_file
+
+TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not registered yet, worker died
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every option, on the command line or in a TOML file (same names, `-` as `_`)."""
+
+    ae_title: str = "CXR"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allow: tuple[str, ...] = ()  # calling AE titles that may associate; required
+    models: tuple[str, ...] = ("pneumonia",)
+    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # calling AE -> its models
+    send_to: str | None = None  # AET@HOST:PORT for the SRs; None: kept in <spool>/reports
+    fhir_dir: str | None = None
+    fhir_url: str | None = None  # FHIR base URL: PUT <url>/DiagnosticReport/<id>
+    spool: str = "logs/dicom"
+    key_file: str = "logs/serve/key_file.json"
+    inference_port: int = 8080
+    management_port: int = 8081  # only to name the served version in a refusal's report
+    grpc_port: int = 7070
+    protocol: str = "rest"
+    max_bytes: int = 64 * 1024 * 1024  # larger datasets are refused (out of resources)
+    workers: int = 1
+    max_delay: float = 10.0
+    max_failures: int = 5
+
+    def models_for(self, calling_ae: str) -> tuple[str, ...]:
+        return self.routes.get(calling_ae, self.models)
+
+    def destination(self) -> tuple[str, str, int] | None:
+        if not self.send_to:
+            return None
+        title, _, address = self.send_to.partition("@")
+        host, _, port = address.rpartition(":")
+        if not (title and host and port.isdigit()):
+            raise ValueError(f"--send-to {self.send_to!r}: expected AET@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)")
+        return title, host, int(port)
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
+    """The TOML file's values, then the command line's (those not None)."""
+    values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    known = {f.name for f in fields(NodeConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise SystemExit(f"dicom-node: unknown options {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("allow", "models"):
+        if isinstance(values.get(key), str):
+            values[key] = tuple(part.strip() for part in values[key].split(",") if part.strip())
+    if "routes" in values:
+        values["routes"] = {ae: tuple(models) if not isinstance(models, str) else tuple(models.split(","))
+                            for ae, models in values["routes"].items()}
+    config = NodeConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+    if not config.allow:
+        raise SystemExit("dicom-node: no calling AE title is allowed: give --allow AET[,AET...] (e.g. ORTHANC)")
+    config.destination()
+    return config
+
+
+class Transient(Exception):
+    """Try this film again later (the server or the destination is not there)."""
+
+
+class Node:
+    def __init__(self, config: NodeConfig, client: Client | None = None) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.client = client or self._client()
+        self.stopping = threading.Event()
+        self.server: Any = None
+        self.threads: list[threading.Thread] = []
+        self._versions: dict[str, str] = {}
+
+    def _client(self) -> Client:
+        return Client.from_key_file(self.config.key_file, ports={"inference": self.config.inference_port,
+                                                                 "grpc_inference": self.config.grpc_port},
+                                    timeout=60, retries=0)
+
+    # --- receiving --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+        from pynetdicom.sop_class import Verification
+
+        _config.STORE_RECV_CHUNKED_DATASET = True  # a received dataset goes to a temporary file, not to memory
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_calling_aet = list(self.config.allow)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(DECODED_SYNTAXES))
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = 8
+        self.server = ae.start_server((self.config.host, self.config.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        for index in range(self.config.workers):
+            thread = threading.Thread(target=self._drain, name=f"dicom-worker-{index}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _on_store(self, event: Any) -> int:
+        """Write the instance to the queue before acknowledging it; failure statuses for what cannot be kept."""
+        from pydicom import dcmread
+
+        path, calling_ae = Path(event.dataset_path), event.assoc.requestor.ae_title
+        size = path.stat().st_size
+        if size > self.config.max_bytes:
+            self.spool.record(event="rejected", calling_ae=calling_ae, outcome="rejected",
+                              detail={"reason": f"{size} bytes, over the node's limit of {self.config.max_bytes}"})
+            return FAILURE_OUT_OF_RESOURCES
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            sop_uid = str(header.SOPInstanceUID)
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types for broken files
+            self.spool.record(event="rejected", calling_ae=calling_ae, outcome="rejected",
+                              detail={"reason": f"unreadable dataset: {error}"[:500]})
+            return FAILURE_CANNOT_UNDERSTAND
+        self.spool.enqueue(path, sop_uid, calling_ae, {"study_uid": str(header.get("StudyInstanceUID", "")),
+                                                       "series_uid": str(header.get("SeriesInstanceUID", ""))})
+        return 0x0000
+
+    # --- answering --------------------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        while not self.stopping.is_set():
+            item = self.spool.next_due()
+            if item is None:
+                self.stopping.wait(0.1)
+                continue
+            try:
+                outcomes = self.answer(item)
+            except Transient as error:
+                self.spool.retry_later(item, str(error), min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6)))
+                continue
+            self.spool.finish(item, outcomes)
+
+    def answer(self, item: Queued) -> list[dict[str, Any]]:
+        """The audit rows of one film: skipped with its reason, or one per model with its SR (and FHIR) sent."""
+        import hashlib
+
+        from pydicom import dcmread
+
+        dataset = dcmread(item.file)
+        pixels = dataset.get("PixelData")
+        base = {"event": "done", "calling_ae": item.calling_ae, "study_uid": str(dataset.get("StudyInstanceUID", "")),
+                "series_uid": str(dataset.get("SeriesInstanceUID", "")), "sop_uid": item.sop_instance_uid,
+                "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
+                "received": item.received}
+        reason = skip_reason(dataset, str(dataset.file_meta.get("TransferSyntaxUID", "")))
+        if reason:
+            return [{**base, "outcome": "skipped", "detail": {"reason": reason}, "latency_ms": self._since(item)}]
+        data = item.file.read_bytes()
+        outcomes = []
+        for model in self.config.models_for(item.calling_ae):
+            result = self._ask(model, data, item)
+            report = structured_report(dataset, result)
+            self._deliver(report)
+            uids = result.uids(dataset)
+            if self.config.fhir_dir or self.config.fhir_url:
+                self._write_fhir(fhir_report(dataset, result, base["pixel_sha256"] or ""))
+            detail = {"label": result.label, "probabilities": result.probabilities, "threshold": result.threshold,
+                      "population": result.population} if not result.refusal else result.refusal
+            outcomes.append({**base, "model": model, "version": result.version, "outcome": result.outcome,
+                             "result_uids": {"sr": uids["sr"], "sr_series": uids["series"],
+                                             "fhir_report": uids["report"]},
+                             "detail": detail, "latency_ms": self._since(item)})
+        return outcomes
+
+    @staticmethod
+    def _since(item: Queued) -> float:
+        return round(1000 * (time.time() - item.received), 1)
+
+    def _ask(self, model: str, data: bytes, item: Queued) -> Result:
+        try:
+            answer = self.client.predict(data, model=model, protocol=self.config.protocol)
+            self._versions[model] = str(answer.get("version", ""))
+            return Result.from_answer(model, answer)
+        except PredictionError as error:
+            if error.status == 401 or "InvalidKey" in error.message:  # TorchServe restarted: new keys
+                self.client = self._client()
+                raise Transient(f"{model}: {error}") from error
+            given_up = error.status == 500 and item.attempts + 1 >= self.config.max_failures
+            if error.status in TRANSIENT and not given_up:
+                raise Transient(f"{model}: {error}") from error
+            return Result.from_refusal(model, self._version(model), error.status, error.message, error.details)
+
+    def _version(self, model: str) -> str:
+        """The served version for a refusal's report (an answer names its own)."""
+        if model not in self._versions:
+            try:
+                keys = read_key_file(self.config.key_file)
+                client = Client(keys, ports={"management": self.config.management_port}, timeout=5, retries=0) \
+                    if "management" in keys else None
+                self._versions[model] = client.default_version(model) if client else "unknown"
+            except (PredictionError, OSError, ValueError, KeyError):
+                return "unknown"
+        return self._versions[model]
+
+    def _deliver(self, report: Any) -> None:
+        """C-STORE the SR to the destination, or keep it in <spool>/reports/<study>/ without one."""
+        destination = self.config.destination()
+        if destination is None:
+            folder = Path(self.config.spool) / "reports" / str(report.StudyInstanceUID)
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = folder / f".{report.SOPInstanceUID}.tmp"
+            report.save_as(temporary, enforce_file_format=True)
+            os.replace(temporary, folder / f"{report.SOPInstanceUID}.dcm")
+            return
+        from pynetdicom import AE
+
+        title, host, port = destination
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_requested_context(str(report.SOPClassUID), str(report.file_meta.TransferSyntaxUID))
+        assoc = ae.associate(host, port, ae_title=title)
+        if not assoc.is_established:
+            raise Transient(f"cannot associate with {self.config.send_to}")
+        try:
+            status = assoc.send_c_store(report)
+        finally:
+            assoc.release()
+        if not status or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
+            raise Transient(f"{self.config.send_to} did not store the SR (status {getattr(status, 'Status', None)})")
+
+    def _write_fhir(self, document: dict[str, Any]) -> None:
+        if self.config.fhir_dir:
+            folder = Path(self.config.fhir_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = folder / f".{document['id']}.tmp"
+            temporary.write_text(json.dumps(document, indent=1))
+            os.replace(temporary, folder / f"{document['id']}.json")
+        if self.config.fhir_url:
+            request = urllib.request.Request(f"{self.config.fhir_url.rstrip('/')}/DiagnosticReport/{document['id']}",
+                                             data=json.dumps(document).encode(), method="PUT",
+                                             headers={"Content-Type": "application/fhir+json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30):
+                    pass
+            except OSError as error:
+                raise Transient(f"FHIR endpoint {self.config.fhir_url}: {error}") from error
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.server is not None:
+            self.server.shutdown()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        self.spool.close()
+
+
+def serve(config: NodeConfig) -> None:
+    node = Node(config)
+    node.start()
+    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
+    print(f"DICOM node {config.ae_title} on {config.host}:{config.port}; allowed callers {','.join(config.allow)}; "
+          f"models {','.join(config.models)}; reports to {config.send_to or Path(config.spool) / 'reports'}; "
+          f"queue {config.spool} ({node.spool.waiting()} waiting)", flush=True)
+    try:
+        while not node.stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The node's options (defaults None: the config file or NodeConfig decides)."""
+    parser.add_argument("--config", default=None, help="TOML file with any of these options")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--ae-title")
+    parser.add_argument("--allow", help="calling AE titles allowed to send, comma-separated (required)")
+    parser.add_argument("--send-to", help="AET@HOST:PORT that receives the SRs (usually the sending PACS)")
+    parser.add_argument("--fhir-dir", help="folder for the FHIR DiagnosticReport JSON files")
+    parser.add_argument("--fhir-url", help="FHIR base URL (PUT DiagnosticReport/<id>)")
+    parser.add_argument("--models", help="models asked for each film, comma-separated (default pneumonia)")
+    parser.add_argument("--spool", help="queue, audit log and kept reports (default logs/dicom)")
+    parser.add_argument("--key-file", help="TorchServe's key_file.json (default logs/serve/key_file.json)")
+    parser.add_argument("--inference-port", type=int)
+    parser.add_argument("--management-port", type=int)
+    parser.add_argument("--protocol", choices=["rest", "grpc"])
+    parser.add_argument("--workers", type=int)
+
+
+def config_from(args: argparse.Namespace) -> NodeConfig:
+    names = ("port", "ae_title", "allow", "send_to", "fhir_dir", "fhir_url", "models", "spool", "key_file",
+             "inference_port", "management_port", "protocol", "workers")
+    return load_config(args.config, {name: getattr(args, name, None) for name in names})
+
+
+def start(args: argparse.Namespace) -> None:
+    """Run the node in the background (own session), pid file in --workdir; waits until the port answers."""
+    import socket
+
+    config = config_from(args)
+    stop(args)
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    passed = [item for name, value in vars(args).items() if value is not None and name not in ("action", "workdir")
+              for item in (f"--{name.replace('_', '-')}", str(value))]
+    with open(workdir / "dicom-node.out", "ab") as output:
+        process = subprocess.Popen([sys.executable, "-m", "cxr.dicom.node", "serve", *passed], stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    (workdir / "dicom-node.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the DICOM node exited; see {workdir / 'dicom-node.out'}")
+        try:
+            with socket.create_connection((config.host, config.port), timeout=1):
+                print(f"DICOM node {config.ae_title} on {config.host}:{config.port} (log {workdir / 'dicom-node.out'})")
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("the DICOM node did not start within 30 s")
+
+
+def stop(args: argparse.Namespace) -> None:
+    pid_file = Path(args.workdir) / "dicom-node.pid"
+    if pid_file.is_file():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cxr.dicom.node", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["serve", "start", "stop"])
+    parser.add_argument("--workdir", default="logs/serve", help="where the pid file and the log go")
+    add_options(parser)
+    args = parser.parse_args(argv)
+    if args.action == "serve":
+        serve(config_from(args))
+    else:
+        {"start": start, "stop": stop}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()
+

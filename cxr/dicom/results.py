@@ -1,0 +1,171 @@
+"""What the node answers for one instance and one model: a DICOM Comprehensive SR and a FHIR R4 DiagnosticReport
+with its Observation, both from the same `Result`.
+
+Why a Comprehensive SR and not TID 1500 (Measurement Report): TID 1500 is built for measurements on regions
+(ROIs, tracking identifiers, measurement groups); this answer is one finding for a whole film with its
+probability, or a refusal, with the model that gave it. A plain report tree (finding, probabilities, threshold,
+model, gate, population, disclaimer) says exactly that, and every viewer that shows SR shows it as text.
+
+Codes: the finding and the model's own values use a private coding scheme (`99CXR`, the label itself): a model's
+class names are not SNOMED concepts, and a wrong standard code would be worse than an honest local one.
+
+UIDs are derived (2.25 + 128 bits of a SHA-256) from the source SOP Instance UID, the model and its version: a
+retry, a restart or a second delivery of the same film never makes a second report, it replaces the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+DISCLAIMER = "Research tool, not for clinical use: a machine reading aid, not a diagnosis."
+SCHEME = "99CXR"
+MANUFACTURER = "cxr serving stack (open source)"
+
+
+def derived_uid(*parts: str) -> str:
+    """A DICOM UID (2.25 form, at most 44 characters) that depends only on `parts`."""
+    digest = hashlib.sha256("|".join(parts).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One model's answer for one source instance, or its refusal (`refusal` set, `label` None)."""
+
+    model: str
+    version: str
+    label: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    gate: dict[str, Any] = field(default_factory=dict)
+    population: dict[str, Any] = field(default_factory=dict)
+    refusal: dict[str, Any] | None = None  # {"code", "error", and the refusal's other fields}
+
+    @classmethod
+    def from_answer(cls, model: str, answer: dict[str, Any]) -> Result:
+        return cls(model=answer.get("model", model), version=str(answer.get("version", "")), label=answer["label"],
+                   probabilities=answer.get("probabilities", {}), threshold=answer.get("threshold"),
+                   gate=answer.get("gate", {}), population=answer.get("population", {}))
+
+    @classmethod
+    def from_refusal(cls, model: str, version: str, status: int, message: str, details: dict[str, Any]) -> Result:
+        return cls(model=model, version=version, population=details.get("population", {}),
+                   refusal={"code": status, "error": message, **details})
+
+    @property
+    def outcome(self) -> str:
+        return "refused" if self.refusal else "answered"
+
+    def summary(self) -> str:
+        """One line: the finding and its probability, or why there is none."""
+        if self.refusal:
+            whom = self.refusal.get("intended_population")
+            return (f"No finding: the model did not answer ({self.refusal['code']} {self.refusal['error']})"
+                    + (f". The model is for: {whom}" if whom else ""))
+        probability = self.probabilities.get(self.label, float("nan"))
+        return f"{self.label} (probability {probability:.3f})"
+
+    def uids(self, source: Dataset) -> dict[str, str]:
+        """The SR's series and instance UIDs and the FHIR ids, from the source instance and the model."""
+        instance = str(source.SOPInstanceUID)
+        return {"series": derived_uid(str(source.StudyInstanceUID), self.model, self.version, "sr-series"),
+                "sr": derived_uid(instance, self.model, self.version, "sr"),
+                "report": derived_uid(instance, self.model, self.version, "fhir-report").replace(".", "-")[:64],
+                "observation": derived_uid(instance, self.model, self.version, "fhir-obs").replace(".", "-")[:64]}
+
+
+def _code(value: str, meaning: str | None = None):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
+
+
+def structured_report(source: Dataset, result: Result) -> Dataset:
+    """The Comprehensive SR for `result` in the source's study, referencing the source instance."""
+    from highdicom.sr import (
+        CodeContentItem,
+        CodedConcept,
+        ComprehensiveSR,
+        ContainerContentItem,
+        ImageContentItem,
+        NumContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
+    from pydicom.sr.codedict import codes
+
+    contains = RelationshipTypeValues.CONTAINS
+    unitless = CodedConcept("1", "UCUM", "no units")
+    items = [
+        ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
+                         referenced_sop_class_uid=str(source.SOPClassUID),
+                         referenced_sop_instance_uid=str(source.SOPInstanceUID), relationship_type=contains),
+        TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=result.model,
+                        relationship_type=contains),
+        TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"), value=result.version or "unknown",
+                        relationship_type=contains),
+    ]
+    if result.refusal:
+        items.append(TextContentItem(name=codes.DCM.Impression, value=result.summary()[:1024],
+                                     relationship_type=contains))
+    else:
+        items.append(CodeContentItem(name=codes.DCM.Finding, value=_code(result.label), relationship_type=contains))
+        items += [NumContentItem(name=_code(f"P {name}", f"Probability of {name}"), value=round(float(p), 6),
+                                 unit=unitless, relationship_type=contains)
+                  for name, p in result.probabilities.items()]
+        if result.threshold is not None:
+            items.append(NumContentItem(name=_code("THRESHOLD", "Decision threshold"), value=float(result.threshold),
+                                        unit=unitless, relationship_type=contains))
+    items += [TextContentItem(name=_code("GATE", "Chest X-ray gate"), value=json.dumps(result.gate)[:1024],
+                              relationship_type=contains),
+              TextContentItem(name=_code("POPULATION", "Population check"),
+                              value=json.dumps(result.population)[:1024], relationship_type=contains),
+              TextContentItem(name=_code("DISCLAIMER", "Disclaimer"), value=DISCLAIMER, relationship_type=contains)]
+    root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
+    root.ContentSequence = items
+    uids = result.uids(source)
+    return ComprehensiveSR(evidence=[source], content=root, series_instance_uid=uids["series"], series_number=990,
+                           sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
+                           is_complete=True, series_description=f"CXR AI {result.model} {result.version}"[:64])
+
+
+def fhir_report(source: Dataset, result: Result, sha256: str) -> dict[str, Any]:
+    """The FHIR R4 DiagnosticReport (with its Observation contained) for `result`, as JSON-ready dict."""
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    uids = result.uids(source)
+    now = datetime.now(UTC).isoformat()
+    observation: dict[str, Any] = {
+        "resourceType": "Observation", "id": uids["observation"], "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging report"}],
+                 "text": f"{result.model} {result.version}"},
+        "derivedFrom": [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{source.SOPInstanceUID}"}}],
+        "device": {"display": f"{result.model} {result.version} ({MANUFACTURER})"},
+        "note": [{"text": DISCLAIMER}],
+    }
+    if result.refusal:
+        observation["dataAbsentReason"] = {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-performed",
+            "display": "Not Performed"}], "text": result.summary()}
+    else:
+        observation["valueCodeableConcept"] = {"coding": [{"system": f"urn:cxr:{result.model}:labels",
+                                                            "code": result.label}], "text": result.label}
+        observation["component"] = [{"code": {"text": f"probability {name}"},
+                                     "valueQuantity": {"value": round(float(p), 6), "unit": "1"}}
+                                    for name, p in result.probabilities.items()]
+    report = DiagnosticReport(**{
+        "resourceType": "DiagnosticReport", "id": uids["report"], "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging report"}]},
+        "issued": now, "conclusion": result.summary(), "contained": [observation],
+        "result": [{"reference": f"#{uids['observation']}"}],
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uids['sr']}"},
+                       {"system": "urn:sha256:pixel-data", "value": sha256}],
+        "imagingStudy": [], "subject": {"identifier": {"value": str(source.get("PatientID", ""))}},
+    })
+    return json.loads(report.json())

@@ -1,0 +1,188 @@
+"""The DICOM node without TorchServe: which films are for a model, the SR and FHIR documents, the durable queue
+and its audit log, and the SCP end to end with pynetdicom as the sender and a stand-in for the server."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+import time
+
+import pytest
+from pydicom import dcmread
+
+from cxr.client import PredictionError
+from cxr.dicom.eligibility import skip_reason
+from cxr.dicom.node import Node, NodeConfig, load_config
+from cxr.dicom.results import Result, derived_uid, fhir_report, structured_report
+from cxr.dicom.spool import Spool, read_audit
+from cxr.server import free_ports
+from tests.dicom_support import study_film, write_film
+
+ANSWER = {"model": "pneumonia", "version": "1.0", "label": "PNEUMONIA", "probabilities": {"NORMAL": 0.2,
+          "PNEUMONIA": 0.8}, "threshold": 0.4, "gate": {"ran": True, "score": 0.1, "limit": 0.8},
+          "population": {"inside": True, "score": 0.2, "limit": 0.88, "check": "logistic"}}
+REFUSAL = (422, "outside the model's population", {"population": {"inside": False}, "intended_population":
+                                                    "children aged 1-5", "model_card": "docs/model_cards/x.md"})
+
+
+def header(**options) -> tuple:
+    dataset = dcmread(io.BytesIO(study_film(**options)))
+    return dataset, str(dataset.file_meta.TransferSyntaxUID)
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ({}, None),
+    ({"view": "AP"}, None),
+    ({"view": "LL"}, "not a frontal view: ViewPosition LL"),
+    ({"view": "", "SeriesDescription": "Chest LAT"}, "names a lateral view"),
+    ({"view": "", "SeriesDescription": "Thorax"}, None),  # frontal assumed, said in the audit log
+    ({"BodyPartExamined": "KNEE"}, "body part KNEE"),
+    ({"frames": 2}, "2 frames"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.1"}, "is not a radiograph"),
+])
+def test_which_films_are_for_a_model(options, reason):
+    found = skip_reason(*header(**options))
+    assert found is None if reason is None else reason in found
+
+
+def test_the_report_references_the_film_and_says_the_finding():
+    source, _ = header()
+    report = structured_report(source, Result.from_answer("pneumonia", ANSWER))
+    assert report.StudyInstanceUID == source.StudyInstanceUID and report.PatientID == source.PatientID
+    assert report.SeriesInstanceUID != source.SeriesInstanceUID
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in report.ContentSequence}
+    assert items["Finding"].ConceptCodeSequence[0].CodeValue == "PNEUMONIA"
+    assert float(items["Probability of PNEUMONIA"].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.8)
+    assert items["Algorithm Name"].TextValue == "pneumonia" and items["Algorithm Version"].TextValue == "1.0"
+    assert "not for clinical use" in items["Disclaimer"].TextValue
+    assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    again = structured_report(source, Result.from_answer("pneumonia", ANSWER))
+    assert again.SOPInstanceUID == report.SOPInstanceUID  # a retry replaces, never duplicates
+    other = structured_report(source, Result.from_answer("pneumonia", {**ANSWER, "version": "2.0"}))
+    assert other.SOPInstanceUID != report.SOPInstanceUID
+    assert len(derived_uid("x")) <= 64
+
+
+def test_a_refusal_is_reported_as_such_never_as_a_negative_finding():
+    source, _ = header()
+    result = Result.from_refusal("pneumonia", "1.0", *REFUSAL)
+    report = structured_report(source, result)
+    names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in report.ContentSequence]
+    assert "Finding" not in names and "Impression" in names
+    impression = report.ContentSequence[names.index("Impression")].TextValue
+    assert "did not answer" in impression and "children aged 1-5" in impression
+    document = fhir_report(source, result, "ab" * 32)
+    observation = document["contained"][0]
+    assert "valueCodeableConcept" not in observation and observation["dataAbsentReason"]["coding"][0]["code"]
+    answered = fhir_report(source, Result.from_answer("pneumonia", ANSWER), "ab" * 32)
+    assert answered["contained"][0]["valueCodeableConcept"]["text"] == "PNEUMONIA"
+    assert answered["resourceType"] == "DiagnosticReport" and answered["status"] == "final"
+
+
+def test_the_queue_is_durable_deduplicated_and_the_audit_log_append_only(tmp_path):
+    film = write_film(tmp_path / "in", "a.dcm", instance="1.2.3.4")
+    spool = Spool(tmp_path / "spool")
+    assert spool.enqueue(film, "1.2.3.4", "ORTHANC", {"study_uid": "9"})
+    assert not spool.enqueue(film, "1.2.3.4", "ORTHANC", {"study_uid": "9"})  # the sender's retry
+    (tmp_path / "spool" / "incoming" / "half.dcm").write_bytes(b"partial")  # a crash before the commit
+    spool.close()
+    spool = Spool(tmp_path / "spool")  # a restart: the queued film is still there, the orphan is gone
+    item = spool.next_due()
+    assert item is not None and item.file.read_bytes() == film.read_bytes()
+    assert not (tmp_path / "spool" / "incoming" / "half.dcm").exists()
+    spool.finish(item, [{"event": "done", "sop_uid": "1.2.3.4", "outcome": "answered", "study_uid": "9"}])
+    assert spool.next_due() is None and not item.file.exists()
+    database = sqlite3.connect(tmp_path / "spool" / "node.sqlite")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        database.execute("DELETE FROM audit")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        database.execute("UPDATE audit SET outcome = 'x'")
+    rows = read_audit(tmp_path / "spool", study="9")
+    assert [row["event"] for row in rows] == ["received", "done"]
+    assert [row["outcome"] for row in read_audit(tmp_path / "spool", outcome="answered")] == ["answered"]
+
+
+class StandIn:
+    """TorchServe's answers without TorchServe: `down` calls fail as if it were stopped."""
+
+    def __init__(self, down: int = 0) -> None:
+        self.down, self.calls = down, 0
+        self.lock = threading.Lock()
+
+    def predict(self, data: bytes, model: str = "pneumonia", version: str | None = None, protocol: str = "rest"):
+        with self.lock:
+            self.calls += 1
+            if self.calls <= self.down:
+                raise PredictionError(503, "cannot reach 127.0.0.1:8080: connection refused")
+        dataset = dcmread(io.BytesIO(data))
+        if str(dataset.get("PatientName", "")) == "OUTSIDE^FILM":
+            raise PredictionError(*REFUSAL)
+        return {**ANSWER, "model": model}
+
+
+@pytest.fixture
+def node(tmp_path):
+    port = free_ports(1)[0]
+    config = NodeConfig(port=port, allow=("SENDER",), spool=str(tmp_path / "spool"),
+                        fhir_dir=str(tmp_path / "fhir"), max_delay=0.2)
+    running = Node(config, client=StandIn(down=3))
+    running.start()
+    yield running
+    running.stop()
+
+
+def send(port: int, films: list[bytes], calling: str = "SENDER") -> list[int | None]:
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title=calling)
+    ae.requested_contexts = StoragePresentationContexts[:100]
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+    if not assoc.is_established:
+        return [None] * len(films)
+    try:
+        return [getattr(assoc.send_c_store(dcmread(io.BytesIO(film))), "Status", None) for film in films]
+    finally:
+        assoc.release()
+
+
+def wait_until_drained(node: Node, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while node.spool.waiting() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node.spool.waiting() == 0
+
+
+def test_the_node_answers_each_film_skips_the_others_and_waits_out_a_server_outage(node, tmp_path):
+    films = [study_film(instance="1.2.826.0.1.3680043.10.9.1"), study_film(view="LL"),
+             study_film(PatientName="OUTSIDE^FILM"), study_film(instance="1.2.826.0.1.3680043.10.9.1")]
+    assert send(node.config.port, films) == [0, 0, 0, 0]  # the last is a resend of the first: acknowledged
+    wait_until_drained(node)
+    rows = [row for row in read_audit(node.config.spool) if row["event"] == "done"]
+    assert sorted(row["outcome"] for row in rows) == ["answered", "refused", "skipped"]
+    assert node.client.calls == 3 + 2  # three 503s waited out, then the two eligible films once each
+    reports = sorted((tmp_path / "spool" / "reports").rglob("*.dcm"))
+    assert len(reports) == 2 and len(list((tmp_path / "fhir").glob("*.json"))) == 2
+    for row in rows:
+        assert row["calling_ae"] == "SENDER" and row["latency_ms"] >= 0
+        if row["outcome"] != "skipped":
+            assert len(row["pixel_sha256"]) == 64 and row["model"] == "pneumonia"
+
+
+def test_an_unlisted_caller_is_refused_at_association(node):
+    assert send(node.config.port, [study_film()], calling="STRANGER") == [None]
+
+
+def test_the_config_file_and_the_command_line(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('allow = ["ORTHANC"]\nport = 11113\nmodels = ["pneumonia", "cxr4"]\n'
+                    '[routes]\nMODALITY = ["adult"]\n')
+    config = load_config(str(path), {"port": 11114, "send_to": "ORTHANC@127.0.0.1:4242"})
+    assert config.port == 11114 and config.allow == ("ORTHANC",) and config.models_for("MODALITY") == ("adult",)
+    assert config.models_for("ORTHANC") == ("pneumonia", "cxr4") and config.destination()[2] == 4242
+    with pytest.raises(SystemExit, match="--allow"):
+        load_config(None, {})
+    with pytest.raises(ValueError, match="AET@HOST:PORT"):
+        load_config(None, {"allow": "A", "send_to": "nowhere"})
