@@ -30,7 +30,7 @@ ARCHIVE_INPUTS := $(GATE) handlers/cxr_handler.py handlers/model-config.yaml $(w
 REPORTS ?= runs/reports
 
 .PHONY: setup python java compiler browser image image-up image-down compose-up compose-down test-image serve stop test test-fast lint train train-candidates evaluate compare ship \
-	model export archive calibrate gate population narrow-cxr4 population-cost lock dicom-node pacs loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
+	model export archive calibrate gate population narrow-cxr4 population-cost lock dicom-node dicom-drills pacs loadtest bench bench-matrix drills train-cxr4 ship-cxr4 train-adult ship-adult source-bias explain clean
 
 setup: $(STAMP) java
 
@@ -211,6 +211,11 @@ bench-matrix: setup model_store/pneumonia.mar
 # Reliability drills (soak, worker crash, overload, malformed storm) -> $(REPORTS)/reliability.md. About 15 min.
 drills: setup model_store/pneumonia.mar
 	$(PY) -m loadtest.drills --export-dir runs/export-pneumonia --output $(REPORTS)/reliability.md $(DRILL_ARGS)
+
+# The DICOM node's drills (docs/dicom_drills.md): TorchServe stopped mid-stream, the node killed, its throughput,
+# with Orthanc and TorchServe on free loopback ports.
+dicom-drills: setup pacs model_store/pneumonia.mar
+	$(PY) -m loadtest.dicom_drill --output $(REPORTS)/dicom_drills.md $(DICOM_DRILL_ARGS)
 
 # The 4-class model (NORMAL / PNEUMONIA / TUBERCULOSIS / COVID19) exactly as shipped, then its reports.
 train-cxr4: setup

@@ -17,7 +17,7 @@ from cxr.dicom.node import Node, NodeConfig, load_config
 from cxr.dicom.results import Result, derived_uid, fhir_report, structured_report
 from cxr.dicom.spool import Spool, read_audit
 from cxr.server import free_ports
-from tests.dicom_support import study_film, write_film
+from loadtest.dicom_films import study_film, write_film
 
 ANSWER = {"model": "pneumonia", "version": "1.0", "label": "PNEUMONIA", "probabilities": {"NORMAL": 0.2,
           "PNEUMONIA": 0.8}, "threshold": 0.4, "gate": {"ran": True, "score": 0.1, "limit": 0.8},
@@ -109,14 +109,20 @@ class StandIn:
     """TorchServe's answers without TorchServe: `down` calls fail as if it were stopped."""
 
     def __init__(self, down: int = 0) -> None:
-        self.down, self.calls = down, 0
+        self.down, self.calls, self.connections = down, 0, 0
         self.lock = threading.Lock()
+
+    def connect(self) -> StandIn:
+        self.connections += 1
+        return self
 
     def predict(self, data: bytes, model: str = "pneumonia", version: str | None = None, protocol: str = "rest"):
         with self.lock:
             self.calls += 1
             if self.calls <= self.down:
                 raise PredictionError(503, "cannot reach 127.0.0.1:8080: connection refused")
+            if self.calls == self.down + 1:  # back, restarted: the key the node holds is no longer valid
+                raise PredictionError(400, "Token Authorization failed", {"type": "InvalidKeyException"})
         dataset = dcmread(io.BytesIO(data))
         if str(dataset.get("PatientName", "")) == "OUTSIDE^FILM":
             raise PredictionError(*REFUSAL)
@@ -128,7 +134,7 @@ def node(tmp_path):
     port = free_ports(1)[0]
     config = NodeConfig(port=port, allow=("SENDER",), spool=str(tmp_path / "spool"),
                         fhir_dir=str(tmp_path / "fhir"), max_delay=0.2)
-    running = Node(config, client=StandIn(down=3))
+    running = Node(config, connect=StandIn(down=3).connect)
     running.start()
     yield running
     running.stop()
@@ -162,7 +168,8 @@ def test_the_node_answers_each_film_skips_the_others_and_waits_out_a_server_outa
     wait_until_drained(node)
     rows = [row for row in read_audit(node.config.spool) if row["event"] == "done"]
     assert sorted(row["outcome"] for row in rows) == ["answered", "refused", "skipped"]
-    assert node.client.calls == 3 + 2  # three 503s waited out, then the two eligible films once each
+    assert node.client.calls == 3 + 1 + 2  # three 503s and a refused key waited out, then the two films once each
+    assert node.client.connections == 2  # the key file read again after the refusal
     reports = sorted((tmp_path / "spool" / "reports").rglob("*.dcm"))
     assert len(reports) == 2 and len(list((tmp_path / "fhir").glob("*.json"))) == 2
     for row in rows:
@@ -186,3 +193,68 @@ def test_the_config_file_and_the_command_line(tmp_path):
         load_config(None, {})
     with pytest.raises(ValueError, match="AET@HOST:PORT"):
         load_config(None, {"allow": "A", "send_to": "nowhere"})
+
+
+def test_hostile_and_odd_instances_are_refused_or_skipped_and_the_node_goes_on(tmp_path):
+    """A PDF is skipped; a dataset over the size limit and one that does not parse get failure statuses; a
+    deflated dataset finds no accepted context; the film after them is answered."""
+    import struct
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, EncapsulatedPDFStorage, ExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+
+    port = free_ports(1)[0]
+    node = Node(NodeConfig(port=port, allow=("SENDER",), spool=str(tmp_path / "spool"), max_bytes=200_000),
+                connect=StandIn().connect)
+    node.start()
+    try:
+        pdf = Dataset()
+        pdf.SOPClassUID, pdf.SOPInstanceUID = EncapsulatedPDFStorage, "1.2.826.0.1.3680043.10.9.77"
+        pdf.StudyInstanceUID, pdf.Modality = "1.2.826.0.1.3680043.10.9", "DOC"
+        pdf.EncapsulatedDocument, pdf.MIMETypeOfEncapsulatedDocument = b"%PDF-1.4 not really", "application/pdf"
+        pdf.file_meta = FileMetaDataset()
+        pdf.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        huge = study_film(fixture_pixels_big())
+        assert send(port, [study_film()]) == [0]
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(EncapsulatedPDFStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+        assert assoc.is_established
+        assert assoc.send_c_store(pdf).Status == 0x0000
+        assert assoc.send_c_store(dcmread(io.BytesIO(huge))).Status == 0xA700
+        assoc.release()
+        broken = tmp_path / "broken.dcm"  # a valid file meta, then an element that claims 4 GB
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.9"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        holder = Dataset()
+        holder.file_meta = meta
+        holder.save_as(broken, enforce_file_format=True)
+        with open(broken, "ab") as handle:
+            handle.write(struct.pack("<HH2sHI", 0x0010, 0x0010, b"UN", 0, 0xFFFFFFF0) + b"\x00" * 64)
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+        try:
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+            assert assoc.send_c_store(broken).Status == 0xC000
+            assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        deflated = AE(ae_title="SENDER")
+        deflated.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", DeflatedExplicitVRLittleEndian)
+        assoc = deflated.associate("127.0.0.1", port, ae_title="CXR")
+        assert not assoc.accepted_contexts
+        assoc.release()
+        assert send(port, [study_film()]) == [0]  # still alive, still answering
+        wait_until_drained(node)
+        outcomes = [row["outcome"] for row in read_audit(tmp_path / "spool") if row["event"] != "received"]
+        assert sorted(outcomes) == ["answered", "answered", "rejected", "rejected", "skipped"]
+    finally:
+        node.stop()
+
+
+def fixture_pixels_big():
+    from loadtest.dicom_films import fixture_pixels
+
+    return fixture_pixels(side=600)  # 360 kB of pixels: over the test's 200 kB limit

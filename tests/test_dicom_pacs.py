@@ -14,8 +14,8 @@ from pydicom import dcmread
 from cxr.dicom.node import Node, NodeConfig
 from cxr.dicom.spool import read_audit
 from cxr.server import free_ports
-from tests.dicom_support import fixture_pixels, study_film
-from tests.orthanc_support import Orthanc
+from loadtest.dicom_films import fixture_pixels, study_film
+from loadtest.pacs import Orthanc, PacsMissing
 from tests.test_dicom_node import send, wait_until_drained
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,10 @@ STUDY = "1.2.826.0.1.3680043.10.2.7"
 @pytest.fixture
 def pacs_and_node(served, tmp_path):
     node_port = free_ports(1)[0]
-    pacs = Orthanc(tmp_path / "orthanc", "CXR", node_port)
+    try:
+        pacs = Orthanc(tmp_path / "orthanc", "CXR", node_port)
+    except PacsMissing as missing:
+        pytest.skip(str(missing))
     config = NodeConfig(port=node_port, allow=("ORTHANC", "MODALITY"), send_to=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
                         spool=str(tmp_path / "spool"), fhir_dir=str(tmp_path / "fhir"),
                         key_file=str(served.workdir / "key_file.json"), inference_port=served.ports["inference"],

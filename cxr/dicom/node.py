@@ -6,8 +6,8 @@ Report sent back to the PACS (or kept on disk) and a FHIR DiagnosticReport (cxr.
     python -m cxr.dicom.node start / stop --workdir logs/serve    # what `make dicom-node` / `make stop` do
 
 While TorchServe is down, restarting or has not registered the model yet, films wait in the queue and are
-tried again (back-off up to `max_delay`); the key file is re-read when TorchServe answers 401 (a restarted
-TorchServe makes new keys). A film the server cannot answer for its own reasons (500) is tried `max_failures`
+tried again (back-off up to `max_delay`); the key file is read again when TorchServe refuses the key (a
+restarted TorchServe makes new keys). A film the server cannot answer for its own reasons (500) is tried `max_failures`
 times, then reported as not answered (an SR saying so), never dropped.
 """
 
@@ -23,6 +23,7 @@ import threading
 import time
 import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,11 @@ class Transient(Exception):
 
 
 class Node:
-    def __init__(self, config: NodeConfig, client: Client | None = None) -> None:
+    def __init__(self, config: NodeConfig, connect: Callable[[], Client] | None = None) -> None:
         self.config = config
         self.spool = Spool(config.spool)
-        self.client = client or self._client()
+        self.connect = connect or self._client  # called again when TorchServe refuses the key (a restart)
+        self.client = self.connect()
         self.stopping = threading.Event()
         self.server: Any = None
         self.threads: list[threading.Thread] = []
@@ -215,8 +217,8 @@ class Node:
             self._versions[model] = str(answer.get("version", ""))
             return Result.from_answer(model, answer)
         except PredictionError as error:
-            if error.status == 401 or "InvalidKey" in error.message:  # TorchServe restarted: new keys
-                self.client = self._client()
+            if error.status == 401 or error.details.get("type") == "InvalidKeyException":  # restarted: new keys
+                self.client = self.connect()
                 raise Transient(f"{model}: {error}") from error
             given_up = error.status == 500 and item.attempts + 1 >= self.config.max_failures
             if error.status in TRANSIENT and not given_up:

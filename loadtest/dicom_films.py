@@ -1,4 +1,4 @@
-"""DICOM instances for the node's tests: a real fixture X-ray in a full patient / study / series header."""
+"""DICOM films for the DICOM node's tests and drills: an example X-ray in a full patient / study / series header."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""A real PACS for the DICOM node's tests: Debian's Orthanc (`make pacs` installs it; AGPL, never shipped),
+"""A real PACS for the DICOM node's tests and drills: Debian's Orthanc (`make pacs` installs it; AGPL, never shipped),
 started on free loopback ports with a generated configuration and stopped after, and a few calls of its REST API.
 
-Orthanc 1.10 binds its DICOM port on every interface and has no option to change that; tests/orthanc_loopback.c,
+Orthanc 1.10 binds its DICOM port on every interface and has no option to change that; orthanc_loopback.c,
 preloaded, turns that bind into a bind to 127.0.0.1. Its HTTP server refuses remote hosts
 (`RemoteAccessAllowed: false`) and its DICOM server accepts C-STORE from the node's AE title only.
 """
@@ -16,11 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from cxr.server import free_ports
 
 SHIM = Path(__file__).with_name("orthanc_loopback.c")
+
+
+class PacsMissing(RuntimeError):
+    """Orthanc or the compiler for its loopback shim is not installed."""
 
 
 class Orthanc:
@@ -28,7 +30,7 @@ class Orthanc:
         binary = shutil.which("Orthanc")
         compiler = shutil.which("cc") or shutil.which("gcc")
         if binary is None or compiler is None:
-            pytest.skip("no Orthanc (make pacs) or no C compiler here")
+            raise PacsMissing("no Orthanc (make pacs) or no C compiler (make compiler) here")
         folder.mkdir(parents=True, exist_ok=True)
         shim = folder / "loopback.so"
         subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(shim), str(SHIM), "-ldl"], check=True)
