@@ -38,6 +38,7 @@ from cxr.server import read_key_file
 TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not registered yet, worker died
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
+STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings a PACS gives while storing
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class NodeConfig:
     grpc_port: int = 7070
     protocol: str = "rest"
     max_bytes: int = 64 * 1024 * 1024  # larger datasets are refused (out of resources)
-    workers: int = 1
+    workers: int = 4  # films answered at once (TorchServe batches them)
     max_delay: float = 10.0
     max_failures: int = 5
 
@@ -115,6 +116,7 @@ class Node:
         self.server: Any = None
         self.threads: list[threading.Thread] = []
         self._versions: dict[str, str] = {}
+        self._local = threading.local()  # each worker's association with the destination
 
     def _client(self) -> Client:
         return Client.from_key_file(self.config.key_file, ports={"inference": self.config.inference_port,
@@ -133,6 +135,7 @@ class Node:
             ae.add_supported_context(context.abstract_syntax, list(DECODED_SYNTAXES))
         ae.add_supported_context(Verification)
         ae.maximum_associations = 8
+        ae.maximum_pdu_size = 1 << 20  # 1 MiB P-DATA fragments: a film in a few PDUs, not hundreds of 16 kB ones
         self.server = ae.start_server((self.config.host, self.config.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         for index in range(self.config.workers):
@@ -164,7 +167,7 @@ class Node:
     # --- answering --------------------------------------------------------------------------------------------
     def _drain(self) -> None:
         while not self.stopping.is_set():
-            item = self.spool.next_due()
+            item = self.spool.claim()
             if item is None:
                 self.stopping.wait(0.1)
                 continue
@@ -174,6 +177,9 @@ class Node:
                 self.spool.retry_later(item, str(error), min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6)))
                 continue
             self.spool.finish(item, outcomes)
+        held = getattr(self._local, "association", None)
+        if held is not None and held.is_established:
+            held.release()
 
     def answer(self, item: Queued) -> list[dict[str, Any]]:
         """The audit rows of one film: skipped with its reason, or one per model with its SR (and FHIR) sent."""
@@ -181,13 +187,14 @@ class Node:
 
         from pydicom import dcmread
 
-        dataset = dcmread(item.file)
-        pixels = dataset.get("PixelData")
+        whole = dcmread(item.file)
+        pixels = whole.get("PixelData")
+        dataset = dcmread(item.file, stop_before_pixels=True)  # what the reports copy and reference: no pixels
         base = {"event": "done", "calling_ae": item.calling_ae, "study_uid": str(dataset.get("StudyInstanceUID", "")),
                 "series_uid": str(dataset.get("SeriesInstanceUID", "")), "sop_uid": item.sop_instance_uid,
                 "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
                 "received": item.received}
-        reason = skip_reason(dataset, str(dataset.file_meta.get("TransferSyntaxUID", "")))
+        reason = skip_reason(whole, str(whole.file_meta.get("TransferSyntaxUID", "")))
         if reason:
             return [{**base, "outcome": "skipped", "detail": {"reason": reason}, "latency_ms": self._since(item)}]
         data = item.file.read_bytes()
@@ -239,28 +246,41 @@ class Node:
 
     def _deliver(self, report: Any) -> None:
         """C-STORE the SR to the destination, or keep it in <spool>/reports/<study>/ without one."""
-        destination = self.config.destination()
-        if destination is None:
+        if self.config.destination() is None:
             folder = Path(self.config.spool) / "reports" / str(report.StudyInstanceUID)
             folder.mkdir(parents=True, exist_ok=True)
             temporary = folder / f".{report.SOPInstanceUID}.tmp"
             report.save_as(temporary, enforce_file_format=True)
             os.replace(temporary, folder / f"{report.SOPInstanceUID}.dcm")
             return
-        from pynetdicom import AE
+        for attempt in range(2):  # a kept association the PACS has since closed: once more on a new one
+            association = self._association(fresh=attempt > 0)
+            try:
+                status = association.send_c_store(report)
+            except (RuntimeError, ValueError, OSError):
+                status = None
+            if status is not None and status.get("Status") in STORED:
+                return
+        raise Transient(f"{self.config.send_to} did not store the SR (status {getattr(status, 'Status', None)})")
 
-        title, host, port = destination
+    def _association(self, fresh: bool) -> Any:
+        """This worker's association with the destination, kept from one report to the next."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import ComprehensiveSRStorage
+
+        held = getattr(self._local, "association", None)
+        if held is not None and held.is_established and not fresh:
+            return held
+        if held is not None and held.is_established:
+            held.abort()
+        title, host, port = self.config.destination()
         ae = AE(ae_title=self.config.ae_title)
-        ae.add_requested_context(str(report.SOPClassUID), str(report.file_meta.TransferSyntaxUID))
-        assoc = ae.associate(host, port, ae_title=title)
-        if not assoc.is_established:
+        ae.add_requested_context(ComprehensiveSRStorage, "1.2.840.10008.1.2.1")
+        association = ae.associate(host, port, ae_title=title)
+        if not association.is_established:
             raise Transient(f"cannot associate with {self.config.send_to}")
-        try:
-            status = assoc.send_c_store(report)
-        finally:
-            assoc.release()
-        if not status or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
-            raise Transient(f"{self.config.send_to} did not store the SR (status {getattr(status, 'Status', None)})")
+        self._local.association = association
+        return association
 
     def _write_fhir(self, document: dict[str, Any]) -> None:
         if self.config.fhir_dir:

