@@ -22,9 +22,7 @@ import concurrent.futures
 import io
 import json
 import mimetypes
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from cxr import background
 from cxr.client import Client, PredictionError
 from cxr.commands import command_parser
 from cxr.paths import samples_dir
@@ -238,40 +237,16 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def start(args: argparse.Namespace) -> None:
-    """Run `serve` in the background (own session), pid file in --workdir; waits until the port answers."""
-    import socket
-
-    workdir = Path(args.workdir).resolve()
-    stop(args)
+    """Run `serve` in the background (cxr.background), pid file and log in --workdir."""
     command = [sys.executable, "-m", "cxr.demo", "serve", "--port", str(args.port), "--key-file", args.key_file,
                "--inference-port", str(args.inference_port), "--samples", args.samples or "", "--models",
                *args.models]
-    with open(workdir / "demo.out", "ab") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                   cwd=REPO)
-    (workdir / "demo.pid").write_text(str(process.pid))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the demo page exited; see {workdir / 'demo.out'}")
-        try:
-            with socket.create_connection(("127.0.0.1", args.port), timeout=1):
-                print(f"demo page: http://127.0.0.1:{args.port}/ (talks to TorchServe server-side; "
-                      "no token in the browser)")
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the demo page did not start within 30 s")
+    background.start(command, Path(args.workdir), "demo", args.port)
+    print(f"demo page: http://127.0.0.1:{args.port}/ (talks to TorchServe server-side; no token in the browser)")
 
 
 def stop(args: argparse.Namespace) -> None:
-    pid_file = Path(args.workdir) / "demo.pid"
-    if pid_file.is_file():
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError, PermissionError):
-            pass
-        pid_file.unlink()
+    background.stop(Path(args.workdir), "demo")
 
 
 def main() -> None:

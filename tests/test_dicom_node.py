@@ -90,11 +90,11 @@ def test_the_queue_is_durable_deduplicated_and_the_audit_log_append_only(tmp_pat
     (tmp_path / "spool" / "incoming" / "half.dcm").write_bytes(b"partial")  # a crash before the commit
     spool.close()
     spool = Spool(tmp_path / "spool")  # a restart: the queued film is still there, the orphan is gone
-    item = spool.next_due()
+    item = spool.claim()
     assert item is not None and item.file.read_bytes() == film.read_bytes()
     assert not (tmp_path / "spool" / "incoming" / "half.dcm").exists()
     spool.finish(item, [{"event": "done", "sop_uid": "1.2.3.4", "outcome": "answered", "study_uid": "9"}])
-    assert spool.next_due() is None and not item.file.exists()
+    assert spool.claim() is None and not item.file.exists()
     database = sqlite3.connect(tmp_path / "spool" / "node.sqlite")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         database.execute("DELETE FROM audit")
@@ -169,7 +169,7 @@ def test_the_node_answers_each_film_skips_the_others_and_waits_out_a_server_outa
     rows = [row for row in read_audit(node.config.spool) if row["event"] == "done"]
     assert sorted(row["outcome"] for row in rows) == ["answered", "refused", "skipped"]
     assert node.client.calls == 3 + 1 + 2  # three 503s and a refused key waited out, then the two films once each
-    assert node.client.connections == 2  # the key file read again after the refusal
+    assert node.client.connections == 2  # at the first film, and again after the key was refused
     reports = sorted((tmp_path / "spool" / "reports").rglob("*.dcm"))
     assert len(reports) == 2 and len(list((tmp_path / "fhir").glob("*.json"))) == 2
     for row in rows:
@@ -258,3 +258,28 @@ def fixture_pixels_big():
     from loadtest.dicom_films import fixture_pixels
 
     return fixture_pixels(side=600)  # 360 kB of pixels: over the test's 200 kB limit
+
+
+def test_make_dicom_node_starts_it_in_the_background_before_torchserve_and_make_stop_stops_it(tmp_path):
+    import socket
+
+    from cxr.dicom.node import main
+
+    port = free_ports(1)[0]
+    options = ["--workdir", str(tmp_path), "--allow", "ORTHANC", "--port", str(port), "--spool",
+               str(tmp_path / "spool"), "--key-file", str(tmp_path / "no_torchserve_yet.json")]
+    main(["start", *options])
+    try:
+        assert "DICOM node CXR on 127.0.0.1" in (tmp_path / "dicom-node.out").read_text()
+        assert send(port, [study_film()], calling="ORTHANC") == [0]  # queued while TorchServe is not there
+    finally:
+        main(["stop", *options])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"port {port} still open")
+    assert [row["outcome"] for row in read_audit(tmp_path / "spool", outcome="pending")] == [None]

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,12 +27,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cxr import background
 from cxr.client import Client, PredictionError
 from cxr.dicom.eligibility import DECODED_SYNTAXES, skip_reason
 from cxr.dicom.results import Result, fhir_report, structured_report
 from cxr.dicom.spool import Queued, Spool
-from cxr.paths import REPO
-from cxr.server import read_key_file
+from cxr.server import KeyFileError, read_key_file
 
 TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not registered yet, worker died
 FAILURE_CANNOT_UNDERSTAND = 0xC000
@@ -111,7 +110,7 @@ class Node:
         self.config = config
         self.spool = Spool(config.spool)
         self.connect = connect or self._client  # called again when TorchServe refuses the key (a restart)
-        self.client = self.connect()
+        self.client: Client | None = None  # connected at the first film: TorchServe may start after the node
         self.stopping = threading.Event()
         self.server: Any = None
         self.threads: list[threading.Thread] = []
@@ -220,9 +219,13 @@ class Node:
 
     def _ask(self, model: str, data: bytes, item: Queued) -> Result:
         try:
+            if self.client is None:
+                self.client = self.connect()
             answer = self.client.predict(data, model=model, protocol=self.config.protocol)
             self._versions[model] = str(answer.get("version", ""))
             return Result.from_answer(model, answer)
+        except KeyFileError as error:  # no TorchServe yet (or its key file is being rewritten)
+            raise Transient(str(error)) from error
         except PredictionError as error:
             if error.status == 401 or error.details.get("type") == "InvalidKeyException":  # restarted: new keys
                 self.client = self.connect()
@@ -349,40 +352,17 @@ def config_from(args: argparse.Namespace) -> NodeConfig:
 
 
 def start(args: argparse.Namespace) -> None:
-    """Run the node in the background (own session), pid file in --workdir; waits until the port answers."""
-    import socket
-
+    """Run the node in the background (cxr.background), pid file and log in --workdir."""
     config = config_from(args)
-    stop(args)
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     passed = [item for name, value in vars(args).items() if value is not None and name not in ("action", "workdir")
               for item in (f"--{name.replace('_', '-')}", str(value))]
-    with open(workdir / "dicom-node.out", "ab") as output:
-        process = subprocess.Popen([sys.executable, "-m", "cxr.dicom.node", "serve", *passed], stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    (workdir / "dicom-node.pid").write_text(str(process.pid))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the DICOM node exited; see {workdir / 'dicom-node.out'}")
-        try:
-            with socket.create_connection((config.host, config.port), timeout=1):
-                print(f"DICOM node {config.ae_title} on {config.host}:{config.port} (log {workdir / 'dicom-node.out'})")
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the DICOM node did not start within 30 s")
+    background.start([sys.executable, "-m", "cxr.dicom.node", "serve", *passed], Path(args.workdir), "dicom-node",
+                     config.port, config.host)
+    print(f"DICOM node {config.ae_title} on {config.host}:{config.port} (log {Path(args.workdir) / 'dicom-node.out'})")
 
 
 def stop(args: argparse.Namespace) -> None:
-    pid_file = Path(args.workdir) / "dicom-node.pid"
-    if pid_file.is_file():
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError, PermissionError):
-            pass
-        pid_file.unlink()
+    background.stop(Path(args.workdir), "dicom-node")
 
 
 def main(argv: list[str] | None = None) -> None:
