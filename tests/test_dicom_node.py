@@ -283,3 +283,20 @@ def test_make_dicom_node_starts_it_in_the_background_before_torchserve_and_make_
     else:
         raise AssertionError(f"port {port} still open")
     assert [row["outcome"] for row in read_audit(tmp_path / "spool", outcome="pending")] == [None]
+
+
+def test_a_film_the_node_cannot_handle_is_recorded_as_failed_and_the_worker_goes_on(tmp_path):
+    node = Node(NodeConfig(port=free_ports(1)[0], allow=("SENDER",), spool=str(tmp_path / "spool"), max_delay=0.1,
+                           max_failures=2, workers=1), connect=StandIn().connect)
+    node.spool.enqueue(write_film(tmp_path, "a.dcm"), "1.2.3.66", "SENDER", {})
+    for queued in (tmp_path / "spool").glob("*.dcm"):
+        queued.unlink()  # queued, then gone from the disk when its turn comes
+    node.start()
+    try:
+        assert send(node.config.port, [study_film()]) == [0]
+        wait_until_drained(node)
+        outcomes = {row["sop_uid"]: row for row in read_audit(tmp_path / "spool") if row["event"] == "done"}
+        assert outcomes["1.2.3.66"]["outcome"] == "failed" and '"attempts": 2' in outcomes["1.2.3.66"]["detail"]
+        assert sorted(row["outcome"] for row in outcomes.values()) == ["answered", "failed"]
+    finally:
+        node.stop()

@@ -170,11 +170,20 @@ class Node:
             if item is None:
                 self.stopping.wait(0.1)
                 continue
+            delay = min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6))
             try:
                 outcomes = self.answer(item)
             except Transient as error:
-                self.spool.retry_later(item, str(error), min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6)))
+                self.spool.retry_later(item, str(error), delay)
                 continue
+            except Exception as error:  # noqa: BLE001 - a film the node itself cannot handle must not stop a worker
+                if item.attempts + 1 < self.config.max_failures:
+                    self.spool.retry_later(item, f"{type(error).__name__}: {error}", delay)
+                    continue
+                outcomes = [{"event": "done", "calling_ae": item.calling_ae, "sop_uid": item.sop_instance_uid,
+                             "received": item.received, "outcome": "failed", "latency_ms": self._since(item),
+                             "detail": {"error": f"{type(error).__name__}: {error}"[:500],
+                                        "attempts": item.attempts + 1}}]
             self.spool.finish(item, outcomes)
         held = getattr(self._local, "association", None)
         if held is not None and held.is_established:
