@@ -300,3 +300,19 @@ def test_a_film_the_node_cannot_handle_is_recorded_as_failed_and_the_worker_goes
         assert sorted(row["outcome"] for row in outcomes.values()) == ["answered", "failed"]
     finally:
         node.stop()
+
+
+def test_cxr_dicom_node_and_cxr_audit_on_the_command_line(tmp_path, capsys):
+    from cxr import cli
+
+    args = cli.get_args_parser().parse_args(["dicom-node", "--allow", "ORTHANC,MODALITY", "--port", "11300",
+                                             "--send-to", "ORTHANC@127.0.0.1:4242", "--models", "pneumonia,adult"])
+    config = cli.node_config(args)
+    assert config.port == 11300 and config.allow == ("ORTHANC", "MODALITY") and config.models == ("pneumonia", "adult")
+    spool = Spool(tmp_path / "spool")
+    spool.enqueue(write_film(tmp_path, "a.dcm", instance="1.2.3.5"), "1.2.3.5", "ORTHANC", {"study_uid": "7"})
+    spool.close()
+    assert cli.main(["audit", "--spool", str(tmp_path / "spool"), "--outcome", "pending"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert '"sop_uid": "1.2.3.5"' in line and '"calling_ae": "ORTHANC"' in line
+    assert cli.main(["audit", "--spool", str(tmp_path / "nowhere")]) == 1
