@@ -53,8 +53,8 @@ def films(tag: str, count: int, per_study: int = 10) -> list[bytes]:
 
 
 class Drill:
-    def __init__(self, folder: Path, model_store: Path) -> None:
-        self.folder, self.model_store = folder, model_store
+    def __init__(self, folder: Path, model_store: Path, workers: int) -> None:
+        self.folder, self.model_store, self.workers = folder, model_store, workers
         names = ["inference", "management", "metrics", "grpc_inference", "grpc_management"]
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.serve_dir = folder / "serve"
@@ -73,7 +73,7 @@ class Drill:
                    "--allow", "ORTHANC,DRILL", "--send-to", f"ORTHANC@127.0.0.1:{self.pacs.dicom_port}",
                    "--spool", str(self.spool), "--key-file", str(self.serve_dir / "key_file.json"),
                    "--inference-port", str(self.ports["inference"]),
-                   "--management-port", str(self.ports["management"])]
+                   "--management-port", str(self.ports["management"]), "--workers", str(self.workers)]
         log = open(self.folder / "node.log", "ab")  # noqa: SIM115 - the child keeps it
         self.node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 60
@@ -262,7 +262,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dicom-drill-") as scratch:
-        drill = Drill(Path(scratch), Path(args.model_store))
+        drill = Drill(Path(scratch), Path(args.model_store), args.workers)
         try:
             drill.start_node()
             results = {"outage_seconds": args.outage, "when": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
@@ -283,6 +283,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--films", type=int, default=200)
     parser.add_argument("--outage", type=float, default=30.0, help="seconds TorchServe stays stopped")
     parser.add_argument("--speed-films", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=4, help="the node's workers")
     parser.add_argument("--model-store", default=str(REPO / "model_store"))
     parser.add_argument("--output", default="runs/reports/dicom_drills.md")
     return parser
