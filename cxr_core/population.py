@@ -127,13 +127,17 @@ class CheckedModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = resnet_forward(self.model, images)
+        return logits, self.check_score(logits, features)
+
+    def check_score(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The population score from the model's logits and feature statistics (also for cached features)."""
         score = population_score(features, self.center, self.scale, self.weights, self.bias, self.kind)
         if self.narrow_class is not None:
             narrow = population_score(features, self.narrow_center, self.narrow_scale, self.narrow_weights,
                                       self.narrow_bias, "logistic")
             refused = (logits.argmax(dim=1) == self.narrow_class) & (narrow > self.narrow_limit)
             score = torch.where(refused, torch.maximum(score, narrow + self.narrow_shift), score)
-        return logits, score
+        return score
 
 
 def verdict(score: float | None, settings: PopulationSettings | None, mode: str) -> dict[str, Any]:

@@ -50,14 +50,10 @@ def narrowed(checkpoint: dict[str, Any], narrow: dict[str, Any]) -> dict[str, An
 
 def served_scores(check: dict[str, Any], model: torch.nn.Module, logits: np.ndarray, features: np.ndarray
                   ) -> np.ndarray:
-    """The population scores the served graph computes (CheckedModel's rule) from cached logits and features."""
-    fused = CheckedModel(model, check)
-    base = scores(check, features)
-    if NARROW_KEY not in check:
-        return base
-    narrow = scores({**check[NARROW_KEY], "kind": "logistic"}, features)
-    refused = (logits.argmax(axis=1) == fused.narrow_class) & (narrow > float(check[NARROW_KEY]["limit"]))
-    return np.where(refused, np.maximum(base, narrow + float(fused.narrow_shift)), base)
+    """The population scores the served graph computes (CheckedModel.check_score) from cached logits and features."""
+    with torch.no_grad():
+        return CheckedModel(model, check).check_score(torch.as_tensor(logits, dtype=torch.float32),
+                                                      torch.as_tensor(features, dtype=torch.float32)).numpy()
 
 
 def effect_table(films: list[Film], logits: np.ndarray, before: np.ndarray, after: np.ndarray, limit: float,
