@@ -15,8 +15,8 @@ from cxr.paths import REPO
 
 
 def start(command: list[str], workdir: Path, name: str, port: int, host: str = "127.0.0.1",
-          timeout: float = 30.0) -> None:
-    """Run `command` in the background and wait until `host:port` accepts a connection."""
+          timeout: float = 30.0) -> subprocess.Popen:
+    """Run `command` in the background and wait until `host:port` accepts a connection; returns the process."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     stop(workdir, name)
@@ -31,7 +31,7 @@ def start(command: list[str], workdir: Path, name: str, port: int, host: str = "
             raise SystemExit(f"{name} exited; see {log}")
         try:
             with socket.create_connection((host, port), timeout=1):
-                return
+                return process
         except OSError:
             time.sleep(0.2)
     raise SystemExit(f"{name} did not start within {timeout:.0f} s; see {log}")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cxr import server
+from cxr import background, server
 from cxr.client import Client
 from cxr.commands import command_parser
 from cxr.dicom.spool import read_audit
@@ -74,18 +74,7 @@ class Drill:
                    "--spool", str(self.spool), "--key-file", str(self.serve_dir / "key_file.json"),
                    "--inference-port", str(self.ports["inference"]),
                    "--management-port", str(self.ports["management"]), "--workers", str(self.workers)]
-        log = open(self.folder / "node.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                import socket
-
-                with socket.create_connection(("127.0.0.1", self.node_port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the node did not start; see {self.folder / 'node.log'}")
+        self.node = background.start(command, self.folder, "dicom-node", self.node_port, timeout=60)
 
     def kill_node(self) -> None:
         assert self.node is not None
