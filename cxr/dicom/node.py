@@ -14,6 +14,7 @@ times, then reported as not answered (an SR saying so), never dropped.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -195,9 +196,10 @@ class Node:
 
         from pydicom import dcmread
 
-        whole = dcmread(item.file)
+        data = item.file.read_bytes()  # read once: parsed whole, parsed without pixels, and sent as it is
+        whole = dcmread(io.BytesIO(data))
         pixels = whole.get("PixelData")
-        dataset = dcmread(item.file, stop_before_pixels=True)  # what the reports copy and reference: no pixels
+        dataset = dcmread(io.BytesIO(data), stop_before_pixels=True)  # what the reports copy and reference
         base = {"event": "done", "calling_ae": item.calling_ae, "study_uid": str(dataset.get("StudyInstanceUID", "")),
                 "series_uid": str(dataset.get("SeriesInstanceUID", "")), "sop_uid": item.sop_instance_uid,
                 "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
@@ -205,7 +207,6 @@ class Node:
         reason = skip_reason(whole, str(whole.file_meta.get("TransferSyntaxUID", "")))
         if reason:
             return [{**base, "outcome": "skipped", "detail": {"reason": reason}, "latency_ms": self._since(item)}]
-        data = item.file.read_bytes()
         outcomes = []
         for model in self.config.models_for(item.calling_ae):
             result = self._ask(model, data, item)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -55,14 +54,6 @@ class Queued:
     attempts: int
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_folder(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY)
     try:
@@ -95,17 +86,22 @@ class Spool:
     def enqueue(self, source: Path, sop_instance_uid: str, calling_ae: str, audit: dict[str, Any]) -> bool:
         """Make the received file durable and queue it; False when this very instance (same UID, same bytes)
         is already queued or answered (a sender's retry: acknowledged, not answered twice)."""
-        sha256 = file_sha256(source)
-        with self._lock:
-            if self._db.execute("SELECT 1 FROM queue WHERE sop_instance_uid = ? AND sha256 = ?",
-                                (sop_instance_uid, sha256)).fetchone():
-                return False
         name = f"{uuid.uuid4().hex}.dcm"
         temporary = self.folder / "incoming" / name
-        with open(source, "rb") as reader, open(temporary, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
+        digest = hashlib.sha256()
+        with open(source, "rb") as reader, open(temporary, "wb") as writer:  # copied and hashed in one pass
+            for block in iter(lambda: reader.read(1 << 20), b""):
+                digest.update(block)
+                writer.write(block)
             writer.flush()
             os.fsync(writer.fileno())
+        sha256 = digest.hexdigest()
+        with self._lock:
+            known = self._db.execute("SELECT 1 FROM queue WHERE sop_instance_uid = ? AND sha256 = ?",
+                                     (sop_instance_uid, sha256)).fetchone()
+        if known:
+            temporary.unlink()
+            return False
         os.replace(temporary, self.folder / name)
         _fsync_folder(self.folder)
         now = time.time()
