@@ -14,7 +14,7 @@ from pydicom import dcmread
 from cxr.client import PredictionError
 from cxr.dicom.eligibility import skip_reason
 from cxr.dicom.node import Node, NodeConfig, load_config
-from cxr.dicom.results import Result, derived_uid, fhir_report, structured_report
+from cxr.dicom.results import Result, derived_uid, fhir_report, highdicom_report, structured_report
 from cxr.dicom.spool import Spool, read_audit
 from cxr.server import free_ports
 from loadtest.dicom_films import study_film, write_film
@@ -64,6 +64,38 @@ def test_the_report_references_the_film_and_says_the_finding():
     other = structured_report(source, Result.from_answer("pneumonia", {**ANSWER, "version": "2.0"}))
     assert other.SOPInstanceUID != report.SOPInstanceUID
     assert len(derived_uid("x")) <= 64
+
+
+def written(report) -> bytes:
+    """The report as stored, but for the times it was made (creation, content and contribution)."""
+    report = dcmread(io.BytesIO(_saved(report)))
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"):
+        delattr(report, keyword)
+    del report.ContributingEquipmentSequence[0].ContributionDateTime
+    return _saved(report)
+
+
+def _saved(report) -> bytes:
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_fast_report_is_the_one_highdicom_builds():
+    """Reports are made from the first of their kind with each film's values: byte for byte what highdicom makes,
+    for other patients, studies, a missing attribute, answers and refusals, and the first report left unchanged."""
+    first, _ = header()
+    made_first = written(structured_report(first, Result.from_answer("pneumonia", ANSWER)))
+    films = [first, header(study="1.2.3.4", series="1.2.3.4.5", PatientName="OTHER^ONE", PatientID="P2",
+                           AccessionNumber="B7", StudyDescription="CHEST PA")[0],
+             header(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen")[0]]
+    without_birth_date, _ = header()
+    del without_birth_date.PatientBirthDate
+    for source in [*films, without_birth_date]:
+        for result in (Result.from_answer("pneumonia", ANSWER), Result.from_refusal("pneumonia", "1.0", *REFUSAL),
+                       Result.from_answer("pneumonia", {**ANSWER, "label": "NORMAL", "threshold": None})):
+            assert written(structured_report(source, result)) == written(highdicom_report(source, result))
+    assert written(structured_report(first, Result.from_answer("pneumonia", ANSWER))) == made_first
 
 
 def test_a_refusal_is_reported_as_such_never_as_a_negative_finding():

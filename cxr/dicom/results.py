@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 
 DISCLAIMER = "Research tool, not for clinical use: a machine reading aid, not a diagnosis."
 SCHEME = "99CXR"
@@ -82,16 +82,20 @@ class Result:
 
 # What the SR copies from the film (patient and study modules) and references (series, instance): a film's
 # header trimmed to these makes highdicom's evidence handling twice as fast.
-EVIDENCE_ATTRIBUTES = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                       "PatientAge", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-                       "ReferringPhysicianName", "StudyDescription", "SeriesInstanceUID", "SOPClassUID",
-                       "SOPInstanceUID")
+COPIED_ATTRIBUTES = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+                     "PatientSex", "PatientAge", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+                     "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
+# Type 2 in the SR (present, maybe empty): highdicom reads them from the evidence, so a film without one (an
+# anonymised film without a birth date) gets it empty.
+EMPTY_IF_MISSING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime")
+EVIDENCE_ATTRIBUTES = (*COPIED_ATTRIBUTES, "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
 
 def evidence_of(source: Dataset) -> Dataset:
     evidence = Dataset()
     for keyword in EVIDENCE_ATTRIBUTES:
-        if keyword in source:
+        if keyword in source or keyword in EMPTY_IF_MISSING:
             setattr(evidence, keyword, source.get(keyword))
     return evidence
 
@@ -102,12 +106,11 @@ def _code(value: str, meaning: str | None = None):
     return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
 
 
-def structured_report(source: Dataset, result: Result) -> Dataset:
-    """The Comprehensive SR for `result` in the source's study, referencing the source instance."""
+def report_content(source: Dataset, result: Result):
+    """The SR's content tree: what the model found (or why it did not answer), about which film, by which model."""
     from highdicom.sr import (
         CodeContentItem,
         CodedConcept,
-        ComprehensiveSR,
         ContainerContentItem,
         ImageContentItem,
         NumContentItem,
@@ -145,10 +148,73 @@ def structured_report(source: Dataset, result: Result) -> Dataset:
               TextContentItem(name=_code("DISCLAIMER", "Disclaimer"), value=DISCLAIMER, relationship_type=contains)]
     root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
     root.ContentSequence = items
+    return root
+
+
+def highdicom_report(source: Dataset, result: Result) -> Dataset:
+    """The Comprehensive SR for `result` in the source's study, referencing the source instance, as highdicom
+    builds it (with its checks: about 30 ms a film)."""
+    from highdicom.sr import ComprehensiveSR
+
     uids = result.uids(source)
-    return ComprehensiveSR(evidence=[evidence_of(source)], content=root, series_instance_uid=uids["series"],
-                           series_number=990, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
-                           is_complete=True, series_description=f"CXR AI {result.model} {result.version}"[:64])
+    return ComprehensiveSR(evidence=[evidence_of(source)], content=report_content(source, result),
+                           series_instance_uid=uids["series"], series_number=990, sop_instance_uid=uids["sr"],
+                           instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+                           series_description=f"CXR AI {result.model} {result.version}"[:64])
+
+
+# Per film, the document attributes that change: the film's own (copied or referenced), the SR's UIDs and times.
+PER_FILM = (*COPIED_ATTRIBUTES, "SeriesInstanceUID", "SOPInstanceUID", "InstanceCreationDate", "InstanceCreationTime",
+            "ContentDate", "ContentTime",
+            "ContributingEquipmentSequence", "CurrentRequestedProcedureEvidenceSequence", "ContentSequence")
+_documents: dict[tuple, Dataset] = {}
+
+
+def structured_report(source: Dataset, result: Result) -> Dataset:
+    """The Comprehensive SR for `result`: equal to `highdicom_report` but for its creation time, made from the
+    first such report of the same model, version and set of copied attributes, with this film's values."""
+    key = (result.model, result.version, tuple(keyword for keyword in EVIDENCE_ATTRIBUTES if keyword in source))
+    template, uids = _documents.get(key), result.uids(source)
+    if template is None:  # worker threads may both build one: the same report either way
+        if len(_documents) >= 256:
+            _documents.clear()
+        template = _documents[key] = highdicom_report(source, result)
+    report = _copy(template, PER_FILM)
+    report.file_meta = _copy(template.file_meta, ("MediaStorageSOPInstanceUID",), FileMetaDataset())
+    report.file_meta.MediaStorageSOPInstanceUID = uids["sr"]
+    for keyword in COPIED_ATTRIBUTES:
+        if keyword in template:
+            setattr(report, keyword, source.get(keyword))
+    report.SeriesInstanceUID, report.SOPInstanceUID = uids["series"], uids["sr"]
+    now = datetime.now()
+    report.InstanceCreationDate = report.ContentDate = now.strftime("%Y%m%d")
+    report.InstanceCreationTime = report.ContentTime = now.strftime("%H%M%S.%f")
+    equipment = _copy(template.ContributingEquipmentSequence[0], ("ContributionDateTime",))
+    equipment.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
+    report.ContributingEquipmentSequence = [equipment]
+    report.CurrentRequestedProcedureEvidenceSequence = [_referenced(
+        StudyInstanceUID=source.StudyInstanceUID, ReferencedSeriesSequence=[_referenced(
+            SeriesInstanceUID=source.SeriesInstanceUID, ReferencedSOPSequence=[_referenced(
+                ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)])])]
+    report.ContentSequence = report_content(source, result).ContentSequence
+    return report
+
+
+def _copy(dataset: Dataset, leave_out: tuple[str, ...], into: Dataset | None = None) -> Dataset:
+    """A new dataset holding `dataset`'s elements but those left out; the elements are shared, so the caller
+    sets new values only on the attributes it left out (a new element each), never on the others."""
+    copied = Dataset() if into is None else into
+    for element in dataset:
+        if element.keyword not in leave_out:
+            copied.add(element)
+    return copied
+
+
+def _referenced(**attributes: Any) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
 
 
 def fhir_report(source: Dataset, result: Result, sha256: str) -> dict[str, Any]:
