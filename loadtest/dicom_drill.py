@@ -9,9 +9,9 @@ process, as `make dicom-node` runs it. Results: docs/dicom_drills.md (and .json)
   twice, the audit log complete.
 - kill: a pynetdicom sender streams films; the node is killed with SIGKILL mid-stream and started again. Goal:
   every film acknowledged before the kill answered after the restart.
-- throughput: the same films through the node (one association, SRs stored in Orthanc) and through `cxr
-  predict`'s client over REST, one after the other. Goal: node >= 0.8x REST in films/s; the median latency from
-  reception to SR stored, reported.
+- throughput: rounds of new films, each round through `cxr predict`'s client over REST (one after the other),
+  then through the node (one association, SRs stored in Orthanc). Goal: node >= 0.8x REST in films/s (the
+  median of the rounds' ratios); the latency from reception to SR stored, reported.
 """
 
 from __future__ import annotations
@@ -45,13 +45,17 @@ ROOT_UID = "1.2.826.0.1.3680043.10.3"
 TAGS = {"outage": 1, "kill": 2, "speed": 3}  # UIDs are digits
 
 
-def films(tag: str, count: int, per_study: int = 10) -> list[bytes]:
-    """`count` distinct DX films (the example X-rays at 256 px), `per_study` to a study."""
+def film_uid(tag: str, k: int, per_study: int = 10) -> str:
+    return f"{ROOT_UID}.{TAGS[tag]}.{k // per_study}.1.{k}"
+
+
+def films(tag: str, count: int, start: int = 0, per_study: int = 10) -> list[bytes]:
+    """`count` distinct DX films (the example X-rays at 256 px) numbered from `start`, `per_study` to a study."""
     def study(k: int) -> str:
         return f"{ROOT_UID}.{TAGS[tag]}.{k // per_study}"
 
-    return [study_film(fixture_pixels(k), study=study(k), series=f"{study(k)}.1", instance=f"{study(k)}.1.{k}")
-            for k in range(count)]
+    return [study_film(fixture_pixels(k), study=study(k), series=f"{study(k)}.1", instance=film_uid(tag, k, per_study))
+            for k in range(start, start + count)]
 
 
 class Drill:
@@ -88,17 +92,17 @@ class Drill:
             self.node.terminate()
             self.node.wait(timeout=60)
 
-    def done_rows(self) -> list[dict[str, Any]]:
-        return [row for row in read_audit(self.spool) if row["event"] == "done"]
+    def done_rows(self, since: float | None = None) -> list[dict[str, Any]]:
+        return [row for row in read_audit(self.spool, since=since) if row["event"] == "done"]
 
-    def wait_answered(self, uids: set[str], timeout: float) -> float:
-        """Seconds until every SOP UID in `uids` has its outcome in the audit log."""
+    def wait_answered(self, uids: set[str], timeout: float, since: float | None = None, poll: float = 0.5) -> float:
+        """Seconds until every SOP UID in `uids` has its outcome in the audit log (rows from `since` on)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            if uids <= {row["sop_uid"] for row in self.done_rows()}:
+            if uids <= {row["sop_uid"] for row in self.done_rows(since)}:
                 return time.monotonic() - started
-            time.sleep(0.5)
-        missing = len(uids - {row["sop_uid"] for row in self.done_rows()})
+            time.sleep(poll)
+        missing = len(uids - {row["sop_uid"] for row in self.done_rows(since)})
         raise TimeoutError(f"{missing} of {len(uids)} films still unanswered after {timeout:.0f} s")
 
     def reports_in_pacs(self, prefix: str) -> list[dict[str, Any]]:
@@ -185,39 +189,59 @@ def kill(drill: Drill, count: int) -> dict[str, Any]:
             "seconds_to_answer_after_restart": round(seconds, 1)}
 
 
-def throughput(drill: Drill, count: int) -> dict[str, Any]:
-    from pydicom import dcmread
-    from pynetdicom import AE
+def throughput(drill: Drill, count: int, rounds: int = 3) -> dict[str, Any]:
+    """Rounds of `count` new films, each through REST then through the node: films/s of each and their ratio
+    per round (medians reported: a 2-core machine is noisy), latencies over every round."""
+    rest_rates, node_rates, rest_latencies, node_latencies = [], [], [], []
+    for round_index in range(rounds):
+        batch = films("speed", count, start=round_index * count)
+        rest_seconds, latencies = rest_pass(drill, batch)
+        node_seconds = node_pass(drill, batch)
+        uids = {film_uid("speed", k) for k in range(round_index * count, (round_index + 1) * count)}
+        rest_rates.append(count / rest_seconds)
+        node_rates.append(count / node_seconds)
+        rest_latencies += latencies
+        node_latencies += [row["latency_ms"] for row in drill.done_rows() if row["sop_uid"] in uids]
+    ratios = [node / rest for node, rest in zip(node_rates, rest_rates, strict=True)]
+    return {"films": count, "rounds": rounds, "rest_films_per_s": round(statistics.median(rest_rates), 2),
+            "node_films_per_s": round(statistics.median(node_rates), 2), "ratio": round(statistics.median(ratios), 3),
+            "ratios": [round(ratio, 3) for ratio in ratios],
+            "rest_median_ms": round(statistics.median(rest_latencies), 1),
+            "rest_p90_ms": round(float(np.percentile(rest_latencies, 90)), 1),
+            "node_median_received_to_sr_stored_ms": round(statistics.median(node_latencies), 1),
+            "node_p90_received_to_sr_stored_ms": round(float(np.percentile(node_latencies, 90)), 1),
+            "node_max_received_to_sr_stored_ms": round(max(node_latencies), 1)}
 
-    batch = films("speed", count)
+
+def rest_pass(drill: Drill, batch: list[bytes]) -> tuple[float, list[float]]:
+    """Seconds for the films one after the other through `cxr predict`'s client, and each one's latency (ms)."""
     client = Client(server.read_keys(drill.serve_dir), ports={"inference": drill.ports["inference"]}, timeout=60)
-    rest_latencies = []
+    latencies = []
     started = time.monotonic()
     for film in batch:
         begun = time.monotonic()
         client.predict(film, model="pneumonia")
-        rest_latencies.append(1000 * (time.monotonic() - begun))
-    rest_seconds = time.monotonic() - started
+        latencies.append(1000 * (time.monotonic() - begun))
+    return time.monotonic() - started, latencies
+
+
+def node_pass(drill: Drill, batch: list[bytes]) -> float:
+    """Seconds from the first film sent over one association to the last one's SR stored."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
     ae = AE(ae_title="DRILL")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
-    started = time.monotonic()
+    started, since = time.monotonic(), time.time()
     assoc = ae.associate("127.0.0.1", drill.node_port, ae_title="CXR")
+    uids = []
     for film in batch:
-        assoc.send_c_store(dcmread(io.BytesIO(film)))
+        dataset = dcmread(io.BytesIO(film))
+        uids.append(str(dataset.SOPInstanceUID))
+        assoc.send_c_store(dataset)
     assoc.release()
-    sent_seconds = time.monotonic() - started
-    uids = {f"{ROOT_UID}.{TAGS['speed']}.{k // 10}.1.{k}" for k in range(count)}
-    drill.wait_answered(uids, timeout=900)
-    node_seconds = time.monotonic() - started
-    latencies = [row["latency_ms"] for row in drill.done_rows() if row["sop_uid"] in uids]
-    return {"films": count, "rest_films_per_s": round(count / rest_seconds, 2),
-            "node_films_per_s": round(count / node_seconds, 2),
-            "ratio": round(rest_seconds / node_seconds, 3), "all_acknowledged_after_s": round(sent_seconds, 2),
-            "rest_median_ms": round(statistics.median(rest_latencies), 1),
-            "node_median_received_to_sr_stored_ms": round(statistics.median(latencies), 1),
-            "rest_p90_ms": round(float(np.percentile(rest_latencies, 90)), 1),
-            "node_p90_received_to_sr_stored_ms": round(float(np.percentile(latencies, 90)), 1),
-            "node_max_received_to_sr_stored_ms": round(max(latencies), 1)}
+    drill.wait_answered(set(uids), timeout=900, since=since, poll=0.05)  # a poll of rows since the start: cheap
+    return time.monotonic() - started
 
 
 def met(condition: bool) -> str:
@@ -238,9 +262,10 @@ def markdown(results: dict[str, Any]) -> str:
          f"({killed['acknowledged_before_kill']} acknowledged when killed; all answered "
          f"{killed['seconds_to_answer_after_restart']:.0f} s after the restart)",
          met(killed["answered_after_restart"] == killed["acknowledged_in_all"])),
-        (f"throughput, {speed['films']} films one after the other", "node >= 0.8x REST",
-         f"node {speed['node_films_per_s']} films/s, REST {speed['rest_films_per_s']} films/s: "
-         f"**{speed['ratio']:.2f}x**", met(speed["ratio"] >= 0.8)),
+        (f"throughput, {speed['rounds']} rounds of {speed['films']} new films, each through REST then the node",
+         "node >= 0.8x REST", f"medians: node {speed['node_films_per_s']} films/s, REST {speed['rest_films_per_s']} "
+         f"films/s: **{speed['ratio']:.2f}x** (rounds: {', '.join(f'{r:.2f}x' for r in speed['ratios'])})",
+         met(speed["ratio"] >= 0.8)),
     ]
     lines = ["# DICOM node drills", "",
              f"`python -m loadtest.dicom_drill --films {out['films']} --outage {results['outage_seconds']:g}` "

@@ -16,12 +16,17 @@ retry, a restart or a second delivery of the same film never makes a second repo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 
 DISCLAIMER = "Research tool, not for clinical use: a machine reading aid, not a diagnosis."
 SCHEME = "99CXR"
@@ -106,12 +111,12 @@ def _code(value: str, meaning: str | None = None):
     return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
 
 
-def report_content(source: Dataset, result: Result):
-    """The SR's content tree: what the model found (or why it did not answer), about which film, by which model."""
+def _items(source: Dataset | None, result: Result, part: str) -> list:
+    """The SR's content items of one part: `model` (which model), `film` (the film and what was found in it, or
+    why nothing was) or `closing` (the disclaimer). The model and closing parts are the same for every film."""
     from highdicom.sr import (
         CodeContentItem,
         CodedConcept,
-        ContainerContentItem,
         ImageContentItem,
         NumContentItem,
         RelationshipTypeValues,
@@ -120,16 +125,17 @@ def report_content(source: Dataset, result: Result):
     from pydicom.sr.codedict import codes
 
     contains = RelationshipTypeValues.CONTAINS
+    if part == "model":
+        return [TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=result.model,
+                                relationship_type=contains),
+                TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"),
+                                value=result.version or "unknown", relationship_type=contains)]
+    if part == "closing":
+        return [TextContentItem(name=_code("DISCLAIMER", "Disclaimer"), value=DISCLAIMER, relationship_type=contains)]
     unitless = CodedConcept("1", "UCUM", "no units")
-    items = [
-        ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
-                         referenced_sop_class_uid=str(source.SOPClassUID),
-                         referenced_sop_instance_uid=str(source.SOPInstanceUID), relationship_type=contains),
-        TextContentItem(name=CodedConcept("111001", "DCM", "Algorithm Name"), value=result.model,
-                        relationship_type=contains),
-        TextContentItem(name=CodedConcept("111003", "DCM", "Algorithm Version"), value=result.version or "unknown",
-                        relationship_type=contains),
-    ]
+    items = [ImageContentItem(name=CodedConcept("121112", "DCM", "Source of Measurement"),
+                              referenced_sop_class_uid=str(source.SOPClassUID),
+                              referenced_sop_instance_uid=str(source.SOPInstanceUID), relationship_type=contains)]
     if result.refusal:
         items.append(TextContentItem(name=codes.DCM.Impression, value=result.summary()[:1024],
                                      relationship_type=contains))
@@ -141,72 +147,95 @@ def report_content(source: Dataset, result: Result):
         if result.threshold is not None:
             items.append(NumContentItem(name=_code("THRESHOLD", "Decision threshold"), value=float(result.threshold),
                                         unit=unitless, relationship_type=contains))
-    items += [TextContentItem(name=_code("GATE", "Chest X-ray gate"), value=json.dumps(result.gate)[:1024],
-                              relationship_type=contains),
-              TextContentItem(name=_code("POPULATION", "Population check"),
-                              value=json.dumps(result.population)[:1024], relationship_type=contains),
-              TextContentItem(name=_code("DISCLAIMER", "Disclaimer"), value=DISCLAIMER, relationship_type=contains)]
-    root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
-    root.ContentSequence = items
-    return root
+    return items + [TextContentItem(name=_code("GATE", "Chest X-ray gate"), value=json.dumps(result.gate)[:1024],
+                                    relationship_type=contains),
+                    TextContentItem(name=_code("POPULATION", "Population check"),
+                                    value=json.dumps(result.population)[:1024], relationship_type=contains)]
 
 
 def highdicom_report(source: Dataset, result: Result) -> Dataset:
     """The Comprehensive SR for `result` in the source's study, referencing the source instance, as highdicom
     builds it (with its checks: about 30 ms a film)."""
-    from highdicom.sr import ComprehensiveSR
+    from highdicom.sr import CodedConcept, ComprehensiveSR, ContainerContentItem
 
+    root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
+    root.ContentSequence = [*_items(None, result, "model"), *_items(source, result, "film"),
+                            *_items(None, result, "closing")]
     uids = result.uids(source)
-    return ComprehensiveSR(evidence=[evidence_of(source)], content=report_content(source, result),
-                           series_instance_uid=uids["series"], series_number=990, sop_instance_uid=uids["sr"],
-                           instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
-                           series_description=f"CXR AI {result.model} {result.version}"[:64])
+    return ComprehensiveSR(evidence=[evidence_of(source)], content=root, series_instance_uid=uids["series"],
+                           series_number=990, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
+                           is_complete=True, series_description=f"CXR AI {result.model} {result.version}"[:64])
 
 
 # Per film, the document attributes that change: the film's own (copied or referenced), the SR's UIDs and times.
 PER_FILM = (*COPIED_ATTRIBUTES, "SeriesInstanceUID", "SOPInstanceUID", "InstanceCreationDate", "InstanceCreationTime",
             "ContentDate", "ContentTime",
             "ContributingEquipmentSequence", "CurrentRequestedProcedureEvidenceSequence", "ContentSequence")
-_documents: dict[tuple, Dataset] = {}
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What a model's reports share, from the first one highdicom built: encoded once (`_frozen`)."""
+
+    report: Dataset  # that first report
+    document: Dataset  # its attributes that are the same for every film
+    model_items: list[Dataset]
+    closing_items: list[Dataset]
+
+
+_templates: dict[tuple, _Template] = {}
 
 
 def structured_report(source: Dataset, result: Result) -> Dataset:
-    """The Comprehensive SR for `result`: equal to `highdicom_report` but for its creation time, made from the
-    first such report of the same model, version and set of copied attributes, with this film's values."""
+    """The Comprehensive SR for `result`: byte for byte `highdicom_report` but for the times it was made, in a
+    fifth of the time: the parts every film of a model shares are built and encoded once, with highdicom."""
     key = (result.model, result.version, tuple(keyword for keyword in EVIDENCE_ATTRIBUTES if keyword in source))
-    template, uids = _documents.get(key), result.uids(source)
-    if template is None:  # worker threads may both build one: the same report either way
-        if len(_documents) >= 256:
-            _documents.clear()
-        template = _documents[key] = highdicom_report(source, result)
-    report = _copy(template, PER_FILM)
-    report.file_meta = _copy(template.file_meta, ("MediaStorageSOPInstanceUID",), FileMetaDataset())
+    template, uids = _templates.get(key), result.uids(source)
+    if template is None:  # worker threads may both build one: the same template either way
+        if len(_templates) >= 256:
+            _templates.clear()
+        first = highdicom_report(source, result)
+        template = _templates[key] = _Template(first, _frozen(_copy(first, PER_FILM)),
+                                               [_frozen(item) for item in _items(None, result, "model")],
+                                               [_frozen(item) for item in _items(None, result, "closing")])
+    report = _copy(template.document, ())
+    report.file_meta = _copy(template.report.file_meta, ("MediaStorageSOPInstanceUID",), FileMetaDataset())
     report.file_meta.MediaStorageSOPInstanceUID = uids["sr"]
     for keyword in COPIED_ATTRIBUTES:
-        if keyword in template:
+        if keyword in template.report:
             setattr(report, keyword, source.get(keyword))
     report.SeriesInstanceUID, report.SOPInstanceUID = uids["series"], uids["sr"]
     now = datetime.now()
     report.InstanceCreationDate = report.ContentDate = now.strftime("%Y%m%d")
     report.InstanceCreationTime = report.ContentTime = now.strftime("%H%M%S.%f")
-    equipment = _copy(template.ContributingEquipmentSequence[0], ("ContributionDateTime",))
+    equipment = _copy(template.report.ContributingEquipmentSequence[0], ("ContributionDateTime",))
     equipment.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f")
     report.ContributingEquipmentSequence = [equipment]
     report.CurrentRequestedProcedureEvidenceSequence = [_referenced(
         StudyInstanceUID=source.StudyInstanceUID, ReferencedSeriesSequence=[_referenced(
             SeriesInstanceUID=source.SeriesInstanceUID, ReferencedSOPSequence=[_referenced(
                 ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)])])]
-    report.ContentSequence = report_content(source, result).ContentSequence
+    report.ContentSequence = [*template.model_items, *_items(source, result, "film"), *template.closing_items]
     return report
+
+
+def _frozen(dataset: Dataset) -> Dataset:
+    """`dataset` encoded (explicit VR little endian) and read back unparsed: pydicom writes such elements as the
+    bytes they are, not element by element again. Only for ASCII values (the same bytes in any character set)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, dataset)
+    return read_dataset(io.BytesIO(buffer.getvalue()), is_implicit_VR=False, is_little_endian=True)
 
 
 def _copy(dataset: Dataset, leave_out: tuple[str, ...], into: Dataset | None = None) -> Dataset:
     """A new dataset holding `dataset`'s elements but those left out; the elements are shared, so the caller
     sets new values only on the attributes it left out (a new element each), never on the others."""
     copied = Dataset() if into is None else into
-    for element in dataset:
-        if element.keyword not in leave_out:
-            copied.add(element)
+    for tag in dataset.keys():
+        element = dataset.get_item(tag)  # as it is: an unparsed element stays unparsed
+        if keyword_for_tag(tag) not in leave_out:
+            copied[tag] = element
     return copied
 
 
