@@ -27,8 +27,8 @@ from pathlib import Path
 
 from cxr import lifecycle
 from cxr.client import Client, PredictionError
-from cxr.dicom.node import add_options as add_node_options
-from cxr.dicom.node import config_from as node_config
+from cxr.dicom.config import add_options as add_node_options
+from cxr.dicom.config import config_from as node_config
 from cxr.dicom.node import serve as serve_node
 from cxr.dicom.spool import read_audit
 from cxr.paths import samples_dir

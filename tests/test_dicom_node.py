@@ -12,8 +12,9 @@ import pytest
 from pydicom import dcmread
 
 from cxr.client import PredictionError
+from cxr.dicom.config import NodeConfig, load_config
 from cxr.dicom.eligibility import skip_reason
-from cxr.dicom.node import Node, NodeConfig, load_config
+from cxr.dicom.node import Node
 from cxr.dicom.results import Result, derived_uid, fhir_report, highdicom_report, structured_report
 from cxr.dicom.spool import Spool, read_audit
 from cxr.server import free_ports
@@ -282,6 +283,66 @@ def test_hostile_and_odd_instances_are_refused_or_skipped_and_the_node_goes_on(t
         wait_until_drained(node)
         outcomes = [row["outcome"] for row in read_audit(tmp_path / "spool") if row["event"] != "received"]
         assert sorted(outcomes) == ["answered", "answered", "rejected", "rejected", "skipped"]
+    finally:
+        node.stop()
+
+
+def cut_off_sender(port: int, film: bytes, after_pdus: int) -> object:
+    """A sender whose line goes dead after `after_pdus` P-DATA PDUs of `film`: its status (None: no answer)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+    assert assoc.is_established
+    sent, send = [], assoc.dul.socket.send
+
+    def dying(data: bytes) -> bool:
+        if data[:1] == b"\x04":  # P-DATA-TF
+            sent.append(len(data))
+            if len(sent) > after_pdus:
+                assoc.dul.socket.close()
+                return False
+        return send(data)
+
+    assoc.dul.socket.send = dying
+    try:
+        status = assoc.send_c_store(dcmread(io.BytesIO(film)))
+    finally:
+        assoc.abort()
+    return getattr(status, "Status", None)
+
+
+@pytest.mark.parametrize("case", ["disconnect", "over the limit"])
+def test_a_sender_gone_or_cut_off_mid_transfer_leaves_nothing_half_written(tmp_path, monkeypatch, case):
+    """The line goes dead after two of a 3.6 MB film's PDUs, or the film is far over the node's limit (the
+    node aborts while receiving): no partial file anywhere, nothing queued, the next film answered."""
+    import tempfile
+
+    from loadtest.dicom_films import fixture_pixels
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where pynetdicom puts a dataset while receiving
+    port = free_ports(1)[0]
+    limit = 200_000 if case == "over the limit" else 64 << 20
+    node = Node(NodeConfig(port=port, allow=("SENDER",), spool=str(tmp_path / "spool"), max_bytes=limit),
+                connect=StandIn(down=-5).connect)
+    node.start()
+    try:
+        big = study_film(fixture_pixels(side=1900))
+        assert cut_off_sender(port, big, after_pdus=2 if case == "disconnect" else 100) is None
+        deadline = time.monotonic() + 10
+        while any(scratch.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(scratch.iterdir())
+        assert not any((tmp_path / "spool" / "incoming").iterdir()) and node.spool.waiting() == 0
+        assert send(port, [study_film()]) == [0]
+        wait_until_drained(node)
+        rows = read_audit(tmp_path / "spool")
+        assert [row["outcome"] for row in rows if row["event"] != "received"] == (
+            ["answered"] if case == "disconnect" else ["rejected", "answered"])
+        assert not any(scratch.iterdir())
     finally:
         node.stop()
 

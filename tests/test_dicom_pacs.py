@@ -11,7 +11,8 @@ import time
 import pytest
 from pydicom import dcmread
 
-from cxr.dicom.node import Node, NodeConfig
+from cxr.dicom.config import NodeConfig
+from cxr.dicom.node import Node
 from cxr.dicom.spool import read_audit
 from cxr.server import free_ports
 from loadtest.dicom_films import fixture_pixels, study_film

@@ -21,15 +21,15 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 import urllib.request
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cxr import background
 from cxr.client import Client, PredictionError
+from cxr.dicom.config import NodeConfig, add_options, config_from
 from cxr.dicom.eligibility import DECODED_SYNTAXES, skip_reason
 from cxr.dicom.results import Result, fhir_report, structured_report
 from cxr.dicom.spool import Queued, Spool
@@ -39,67 +39,6 @@ TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings a PACS gives while storing
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Every option, on the command line or in a TOML file (same names, `-` as `_`)."""
-
-    ae_title: str = "CXR"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    allow: tuple[str, ...] = ()  # calling AE titles that may associate; required
-    models: tuple[str, ...] = ("pneumonia",)
-    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # calling AE -> its models
-    send_to: str | None = None  # AET@HOST:PORT for the SRs; None: kept in <spool>/reports
-    fhir_dir: str | None = None
-    fhir_url: str | None = None  # FHIR base URL: PUT <url>/DiagnosticReport/<id>
-    spool: str = "logs/dicom"
-    key_file: str = "logs/serve/key_file.json"
-    inference_port: int = 8080
-    management_port: int = 8081  # only to name the served version in a refusal's report
-    grpc_port: int = 7070
-    protocol: str = "rest"
-    max_bytes: int = 64 * 1024 * 1024  # larger datasets are refused (out of resources)
-    workers: int = 4  # films answered at once (TorchServe batches them)
-    max_delay: float = 10.0
-    max_failures: int = 5
-
-    def models_for(self, calling_ae: str) -> tuple[str, ...]:
-        return self.routes.get(calling_ae, self.models)
-
-    def destination(self) -> tuple[str, str, int] | None:
-        if not self.send_to:
-            return None
-        title, _, address = self.send_to.partition("@")
-        host, _, port = address.rpartition(":")
-        if not (title and host and port.isdigit()):
-            raise ValueError(f"--send-to {self.send_to!r}: expected AET@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242)")
-        return title, host, int(port)
-
-
-def load_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
-    """The TOML file's values, then the command line's (those not None)."""
-    values: dict[str, Any] = {}
-    if path:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name for f in fields(NodeConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise SystemExit(f"dicom-node: unknown options {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("allow", "models"):
-        if isinstance(values.get(key), str):
-            values[key] = tuple(part.strip() for part in values[key].split(",") if part.strip())
-    if "routes" in values:
-        values["routes"] = {ae: tuple(models) if not isinstance(models, str) else tuple(models.split(","))
-                            for ae, models in values["routes"].items()}
-    config = NodeConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
-    if not config.allow:
-        raise SystemExit("dicom-node: no calling AE title is allowed: give --allow AET[,AET...] (e.g. ORTHANC)")
-    config.destination()
-    return config
 
 
 class Transient(Exception):
@@ -117,6 +56,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self._versions: dict[str, str] = {}
         self._local = threading.local()  # each worker's association with the destination
+        self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # bytes per association
 
     def _client(self) -> Client:
         return Client.from_key_file(self.config.key_file, ports={"inference": self.config.inference_port,
@@ -136,8 +76,9 @@ class Node:
         ae.add_supported_context(Verification)
         ae.maximum_associations = 8
         ae.maximum_pdu_size = 1 << 20  # 1 MiB P-DATA fragments: a film in a few PDUs, not hundreds of 16 kB ones
-        self.server = ae.start_server((self.config.host, self.config.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_DATA_RECV, self._on_data),
+            (evt.EVT_ABORTED, self._on_gone), (evt.EVT_CONN_CLOSE, self._on_gone)])
         for index in range(self.config.workers):
             thread = threading.Thread(target=self._drain, name=f"dicom-worker-{index}", daemon=True)
             thread.start()
@@ -148,6 +89,7 @@ class Node:
         from pydicom import dcmread
 
         path, calling_ae = Path(event.dataset_path), event.assoc.requestor.ae_title
+        self._received[event.assoc] = 0
         size = path.stat().st_size
         if size > self.config.max_bytes:
             self.spool.record(event="rejected", calling_ae=calling_ae, outcome="rejected",
@@ -163,6 +105,28 @@ class Node:
         self.spool.enqueue(path, sop_uid, calling_ae, {"study_uid": str(header.get("StudyInstanceUID", "")),
                                                        "series_uid": str(header.get("SeriesInstanceUID", ""))})
         return 0x0000
+
+    def _on_data(self, event: Any) -> None:
+        """Count the bytes an association sent since its last instance: far over `max_bytes` (more than one PDU
+        over) the sender is cut off at once, before the dataset fills the disk; just over, `_on_store` refuses."""
+        received = self._received.get(event.assoc, 0) + len(event.data)
+        self._received[event.assoc] = received
+        if received > self.config.max_bytes + (1 << 20) >= received - len(event.data):
+            self.spool.record(event="rejected", calling_ae=event.assoc.requestor.ae_title, outcome="rejected",
+                              detail={"reason": f"over the node's limit of {self.config.max_bytes} bytes while "
+                                                "receiving: association aborted"})
+            event.assoc.abort(block=False)
+
+    @staticmethod
+    def _on_gone(event: Any) -> None:
+        """A sender gone mid-transfer (or cut off): pynetdicom keeps the part of the dataset it received in a
+        temporary file and leaves it there; it is removed, so nothing half-written stays behind (closed once the
+        connection is: PDUs already read may still be written to it until then)."""
+        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_file", None)
+        if partial is not None:
+            Path(partial.name).unlink(missing_ok=True)
+            if event.event.name == "EVT_CONN_CLOSE":
+                partial.close()
 
     # --- answering --------------------------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -335,30 +299,6 @@ def serve(config: NodeConfig) -> None:
         pass
     finally:
         node.stop()
-
-
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """The node's options (defaults None: the config file or NodeConfig decides)."""
-    parser.add_argument("--config", default=None, help="TOML file with any of these options")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--ae-title")
-    parser.add_argument("--allow", help="calling AE titles allowed to send, comma-separated (required)")
-    parser.add_argument("--send-to", help="AET@HOST:PORT that receives the SRs (usually the sending PACS)")
-    parser.add_argument("--fhir-dir", help="folder for the FHIR DiagnosticReport JSON files")
-    parser.add_argument("--fhir-url", help="FHIR base URL (PUT DiagnosticReport/<id>)")
-    parser.add_argument("--models", help="models asked for each film, comma-separated (default pneumonia)")
-    parser.add_argument("--spool", help="queue, audit log and kept reports (default logs/dicom)")
-    parser.add_argument("--key-file", help="TorchServe's key_file.json (default logs/serve/key_file.json)")
-    parser.add_argument("--inference-port", type=int)
-    parser.add_argument("--management-port", type=int)
-    parser.add_argument("--protocol", choices=["rest", "grpc"])
-    parser.add_argument("--workers", type=int)
-
-
-def config_from(args: argparse.Namespace) -> NodeConfig:
-    names = ("port", "ae_title", "allow", "send_to", "fhir_dir", "fhir_url", "models", "spool", "key_file",
-             "inference_port", "management_port", "protocol", "workers")
-    return load_config(args.config, {name: getattr(args, name, None) for name in names})
 
 
 def start(args: argparse.Namespace) -> None:
