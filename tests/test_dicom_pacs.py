@@ -99,3 +99,25 @@ def test_pynetdicom_as_the_sender_and_a_refusal_reported_as_such(served, pacs_an
     refused = sr_items(by_source[f"{STUDY}.9.1.2"])  # a blank film: not a chest X-ray, refused by the gate
     assert "Finding" not in refused and "did not answer" in refused["Impression"].TextValue
     assert "Finding" in sr_items(by_source[f"{STUDY}.9.1.1"])
+
+
+def test_the_node_over_grpc_gives_the_rest_answer(served, tmp_path):
+    """protocol = "grpc": the same client the CLI uses, over TorchServe's gRPC port; the SR kept on disk (no
+    destination) states what REST answers for the same film."""
+    film = study_film(fixture_pixels(5), study=f"{STUDY}.5", series=f"{STUDY}.5.1", instance=f"{STUDY}.5.1.1")
+    config = NodeConfig(port=free_ports(1)[0], allow=("MODALITY",), spool=str(tmp_path / "spool"), protocol="grpc",
+                        key_file=str(served.workdir / "key_file.json"), grpc_port=served.ports["grpc_inference"],
+                        management_port=served.ports["management"], max_delay=1.0)
+    node = Node(config)
+    node.start()
+    try:
+        assert send(config.port, [film], calling="MODALITY") == [0]
+        wait_until_drained(node, timeout=120)
+    finally:
+        node.stop()
+    [path] = (tmp_path / "spool" / "reports" / f"{STUDY}.5").glob("*.dcm")
+    items = sr_items(dcmread(path))
+    expected = served.predict(film)[1]
+    assert items["Finding"].ConceptCodeSequence[0].CodeValue == expected["label"]
+    probability = float(items[f"Probability of {expected['label']}"].MeasuredValueSequence[0].NumericValue)
+    assert probability == pytest.approx(expected["probabilities"][expected["label"]], abs=1e-5)
