@@ -3,12 +3,15 @@ and its audit log, and the SCP end to end with pynetdicom as the sender and a st
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import sqlite3
 import threading
 import time
 
 import pytest
+from PIL import Image
 from pydicom import dcmread
 
 from cxr.client import PredictionError
@@ -141,8 +144,8 @@ def test_the_queue_is_durable_deduplicated_and_the_audit_log_append_only(tmp_pat
 class StandIn:
     """TorchServe's answers without TorchServe: `down` calls fail as if it were stopped."""
 
-    def __init__(self, down: int = 0) -> None:
-        self.down, self.calls, self.connections = down, 0, 0
+    def __init__(self, down: int = 0, explains: bool = True) -> None:
+        self.down, self.calls, self.connections, self.explains = down, 0, 0, explains
         self.lock = threading.Lock()
 
     def connect(self) -> StandIn:
@@ -160,6 +163,13 @@ class StandIn:
         if str(dataset.get("PatientName", "")) == "OUTSIDE^FILM":
             raise PredictionError(*REFUSAL)
         return {**ANSWER, "model": model}
+
+    def explain(self, data: bytes, model: str) -> dict:
+        if not self.explains:
+            raise PredictionError(404, f"Model not found: {model}")
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 40, 10)).save(buffer, format="PNG")
+        return {**ANSWER, "overlay_png": base64.b64encode(buffer.getvalue()).decode()}
 
 
 @pytest.fixture
@@ -285,6 +295,36 @@ def test_hostile_and_odd_instances_are_refused_or_skipped_and_the_node_goes_on(t
         assert sorted(outcomes) == ["answered", "answered", "rejected", "rejected", "skipped"]
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("served_eager", [True, False])
+def test_the_grad_cam_overlay_goes_beside_the_report_as_a_secondary_capture(tmp_path, served_eager):
+    """With secondary_capture on, an answer gets its Grad-CAM image in the film's study (a refusal none); a
+    server without the eager archive gives no image, and the report is sent all the same."""
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    port = free_ports(1)[0]
+    node = Node(NodeConfig(port=port, allow=("SENDER",), spool=str(tmp_path / "spool"), secondary_capture=True),
+                connect=StandIn(down=-5, explains=served_eager).connect)
+    node.start()
+    try:
+        answered = study_film(instance="1.2.826.0.1.3680043.10.9.5")
+        assert send(port, [answered, study_film(PatientName="OUTSIDE^FILM")]) == [0, 0]
+        wait_until_drained(node)
+    finally:
+        node.stop()
+    written = [dcmread(path) for path in (tmp_path / "spool" / "reports").glob("*/*.dcm")]
+    images = [report for report in written if report.SOPClassUID == SecondaryCaptureImageStorage]
+    assert len(written) - len(images) == 2  # an SR each
+    rows = {row["sop_uid"]: row for row in read_audit(tmp_path / "spool") if row["event"] == "done"}
+    uids = json.loads(rows["1.2.826.0.1.3680043.10.9.5"]["result_uids"])
+    if served_eager:
+        [image] = images
+        assert image.StudyInstanceUID == dcmread(io.BytesIO(answered)).StudyInstanceUID
+        assert image.pixel_array.shape == (48, 64, 3) and image.SeriesNumber == 991
+        assert image.SOPInstanceUID == uids["sc"] and "not for clinical use" in image.DerivationDescription
+    else:
+        assert not images and "Model not found" in uids["sc_not_made"]
 
 
 def cut_off_sender(port: int, film: bytes, after_pdus: int) -> object:

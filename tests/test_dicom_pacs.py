@@ -1,6 +1,6 @@
 """The DICOM node end to end with a real PACS (Orthanc) and a real TorchServe: a study uploaded to Orthanc and
 sent by it reaches the node, and the SR appears in Orthanc in the same study, with the right references and the
-finding TorchServe gives for the same film; pynetdicom as the sender too."""
+finding TorchServe gives for the same film, and its Grad-CAM image beside it; pynetdicom as the sender too."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def pacs_and_node(served, tmp_path):
     config = NodeConfig(port=node_port, allow=("ORTHANC", "MODALITY"), send_to=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
                         spool=str(tmp_path / "spool"), fhir_dir=str(tmp_path / "fhir"),
                         key_file=str(served.workdir / "key_file.json"), inference_port=served.ports["inference"],
-                        management_port=served.ports["management"], max_delay=1.0)
+                        management_port=served.ports["management"], max_delay=1.0, secondary_capture=True)
     node = Node(config)
     node.start()
     try:
@@ -77,6 +77,8 @@ def test_a_study_sent_by_orthanc_gets_its_report_in_the_same_study(served, pacs_
     probability = float(items[f"Probability of {expected['label']}"].MeasuredValueSequence[0].NumericValue)
     assert probability == pytest.approx(expected["probabilities"][expected["label"]], abs=1e-5)
     assert items["Algorithm Version"].TextValue == expected["version"]
+    [image] = pacs.study_instances(study_id, modality="OT")  # the Grad-CAM overlay, from pneumonia_eager
+    assert dcmread(io.BytesIO(pacs.file(image["ID"]))).SeriesDescription.endswith("Grad-CAM")
     outcomes = {row["sop_uid"]: row["outcome"] for row in read_audit(node.config.spool) if row["event"] == "done"}
     assert outcomes == {f"{STUDY}.1.1": "answered", f"{STUDY}.2.1": "skipped"}
     pacs.send(study_id)  # sent again: the node answers nothing twice, the PACS holds one report

@@ -22,6 +22,7 @@ class NodeConfig:
     send_to: str | None = None  # AET@HOST:PORT for the SRs; None: kept in <spool>/reports
     fhir_dir: str | None = None
     fhir_url: str | None = None  # FHIR base URL: PUT <url>/DiagnosticReport/<id>
+    secondary_capture: bool = False  # also the Grad-CAM overlay as an image in the study (asks <model>_eager)
     spool: str = "logs/dicom"
     key_file: str = "logs/serve/key_file.json"
     inference_port: int = 8080
@@ -86,9 +87,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--management-port", type=int)
     parser.add_argument("--protocol", choices=["rest", "grpc"])
     parser.add_argument("--workers", type=int)
+    parser.add_argument("--secondary-capture", action="store_true", default=None,
+                        help="also send the Grad-CAM overlay as a Secondary Capture image (the <model>_eager archive)")
 
 
 def config_from(args: argparse.Namespace) -> NodeConfig:
     names = ("port", "ae_title", "allow", "send_to", "fhir_dir", "fhir_url", "models", "spool", "key_file",
-             "inference_port", "management_port", "protocol", "workers")
+             "inference_port", "management_port", "protocol", "workers", "secondary_capture")
     return load_config(args.config, {name: getattr(args, name, None) for name in names})

@@ -31,7 +31,7 @@ from cxr import background
 from cxr.client import Client, PredictionError
 from cxr.dicom.config import NodeConfig, add_options, config_from
 from cxr.dicom.eligibility import DECODED_SYNTAXES, skip_reason
-from cxr.dicom.results import Result, fhir_report, structured_report
+from cxr.dicom.results import Result, fhir_report, secondary_capture, structured_report
 from cxr.dicom.spool import Queued, Spool
 from cxr.server import KeyFileError, read_key_file
 
@@ -176,16 +176,30 @@ class Node:
             result = self._ask(model, data, item)
             report = structured_report(dataset, result)
             self._deliver(report)
+            overlay = self._overlay(dataset, result, data) if self.config.secondary_capture else {}
             uids = result.uids(dataset)
             if self.config.fhir_dir or self.config.fhir_url:
                 self._write_fhir(fhir_report(dataset, result, base["pixel_sha256"] or ""))
             detail = {"label": result.label, "probabilities": result.probabilities, "threshold": result.threshold,
                       "population": result.population} if not result.refusal else result.refusal
             outcomes.append({**base, "model": model, "version": result.version, "outcome": result.outcome,
-                             "result_uids": {"sr": uids["sr"], "sr_series": uids["series"],
+                             "result_uids": {"sr": uids["sr"], "sr_series": uids["series"], **overlay,
                                              "fhir_report": uids["report"]},
                              "detail": detail, "latency_ms": self._since(item)})
         return outcomes
+
+    def _overlay(self, dataset: Any, result: Result, data: bytes) -> dict[str, str]:
+        """The Grad-CAM image sent beside an answer's SR: {"sc": its UID}, or why there is none (an answer
+        never waits for its picture: a refusal has none, a server without the eager archive gives none)."""
+        if result.refusal:
+            return {}
+        try:
+            explained = self.client.explain(data, model=f"{result.model}_eager")
+            image = secondary_capture(dataset, result, explained["overlay_png"])
+        except (PredictionError, KeyError, ValueError, OSError) as error:
+            return {"sc_not_made": f"{type(error).__name__}: {error}"[:300]}
+        self._deliver(image)
+        return {"sc": result.uids(dataset)["sc"]}
 
     @staticmethod
     def _since(item: Queued) -> float:
@@ -222,7 +236,8 @@ class Node:
         return self._versions[model]
 
     def _deliver(self, report: Any) -> None:
-        """C-STORE the SR to the destination, or keep it in <spool>/reports/<study>/ without one."""
+        """C-STORE a report (the SR or the Grad-CAM image) to the destination, or keep it in
+        <spool>/reports/<study>/ without one."""
         if self.config.destination() is None:
             folder = Path(self.config.spool) / "reports" / str(report.StudyInstanceUID)
             folder.mkdir(parents=True, exist_ok=True)
@@ -243,7 +258,7 @@ class Node:
     def _association(self, fresh: bool) -> Any:
         """This worker's association with the destination, kept from one report to the next."""
         from pynetdicom import AE
-        from pynetdicom.sop_class import ComprehensiveSRStorage
+        from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
         held = getattr(self._local, "association", None)
         if held is not None and held.is_established and not fresh:
@@ -253,6 +268,7 @@ class Node:
         title, host, port = self.config.destination()
         ae = AE(ae_title=self.config.ae_title)
         ae.add_requested_context(ComprehensiveSRStorage, "1.2.840.10008.1.2.1")
+        ae.add_requested_context(SecondaryCaptureImageStorage, "1.2.840.10008.1.2.1")
         association = ae.associate(host, port, ae_title=title)
         if not association.is_established:
             raise Transient(f"cannot associate with {self.config.send_to}")

@@ -15,6 +15,7 @@ retry, a restart or a second delivery of the same film never makes a second repo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -77,10 +80,13 @@ class Result:
         return f"{self.label} (probability {probability:.3f})"
 
     def uids(self, source: Dataset) -> dict[str, str]:
-        """The SR's series and instance UIDs and the FHIR ids, from the source instance and the model."""
+        """The SR's and the Grad-CAM image's series and instance UIDs and the FHIR ids, from the source instance
+        and the model."""
         instance = str(source.SOPInstanceUID)
         return {"series": derived_uid(str(source.StudyInstanceUID), self.model, self.version, "sr-series"),
                 "sr": derived_uid(instance, self.model, self.version, "sr"),
+                "sc_series": derived_uid(str(source.StudyInstanceUID), self.model, self.version, "sc-series"),
+                "sc": derived_uid(instance, self.model, self.version, "sc"),
                 "report": derived_uid(instance, self.model, self.version, "fhir-report").replace(".", "-")[:64],
                 "observation": derived_uid(instance, self.model, self.version, "fhir-obs").replace(".", "-")[:64]}
 
@@ -244,6 +250,29 @@ def _referenced(**attributes: Any) -> Dataset:
     for keyword, value in attributes.items():
         setattr(item, keyword, value)
     return item
+
+
+def secondary_capture(source: Dataset, result: Result, overlay_png: str) -> Dataset:
+    """The Grad-CAM overlay (base64 PNG, as TorchServe's explanations answer) as a Secondary Capture image in the
+    film's study, a series of its own (number 991); oriented as the film (PA by default: L, F)."""
+    from highdicom import PhotometricInterpretationValues
+    from highdicom.sc import SCImage
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    with Image.open(io.BytesIO(base64.b64decode(overlay_png))) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    orientation = source.get("PatientOrientation")
+    uids = result.uids(source)
+    image = SCImage.from_ref_dataset(
+        evidence_of(source), pixels, PhotometricInterpretationValues.RGB, bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=uids["sc_series"], series_number=991,
+        sop_instance_uid=uids["sc"], instance_number=1, manufacturer=MANUFACTURER,
+        patient_orientation=tuple(orientation) if orientation is not None and len(orientation) == 2 else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian)
+    image.SeriesDescription = f"CXR AI {result.model} {result.version} Grad-CAM"[:64]
+    image.DerivationDescription = (f"Grad-CAM of {result.label} over the image the model saw. {DISCLAIMER}")[:1024]
+    image.BurnedInAnnotation = "NO"
+    return image
 
 
 def fhir_report(source: Dataset, result: Result, sha256: str) -> dict[str, Any]:
