@@ -160,15 +160,14 @@ class Node:
 
         from pydicom import dcmread
 
-        data = item.file.read_bytes()  # read once: parsed whole, parsed without pixels, and sent as it is
-        whole = dcmread(io.BytesIO(data))
-        pixels = whole.get("PixelData")
-        dataset = dcmread(io.BytesIO(data), stop_before_pixels=True)  # what the reports copy and reference
+        data = item.file.read_bytes()  # read once: parsed (what the reports copy and reference) and sent as it is
+        dataset = dcmread(io.BytesIO(data))
+        pixels = dataset.get("PixelData")
         base = {"event": "done", "calling_ae": item.calling_ae, "study_uid": str(dataset.get("StudyInstanceUID", "")),
                 "series_uid": str(dataset.get("SeriesInstanceUID", "")), "sop_uid": item.sop_instance_uid,
                 "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
                 "received": item.received}
-        reason = skip_reason(whole, str(whole.file_meta.get("TransferSyntaxUID", "")))
+        reason = skip_reason(dataset, str(dataset.file_meta.get("TransferSyntaxUID", "")))
         if reason:
             return [{**base, "outcome": "skipped", "detail": {"reason": reason}, "latency_ms": self._since(item)}]
         outcomes = []
