@@ -52,6 +52,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     box_weight: float = 1.0
+    image_size: int | None = None  # the model's input side in pixels; None: the starting model's
     seed: int = 0
 
 
@@ -177,9 +178,12 @@ def localisation_loss(model: nn.Module, features: torch.Tensor, masks: torch.Ten
 
 def fine_tune(model: nn.Module, config: PreprocessConfig, train: Sequence[Sample], val: Sequence[Sample],
               recipe: Recipe, positive: int | None, *, workers: int = 1,
-              on_epoch: Callable[[dict[str, Any], nn.Module], None] | None = None) -> list[dict[str, Any]]:
+              on_epoch: Callable[[dict[str, Any], nn.Module], None] | None = None,
+              state_file: Path | None = None) -> list[dict[str, Any]]:
     """Train in place; after each epoch the val AUC (positive class, or macro one-vs-rest) goes to `on_epoch`
-    with the model. Returns the history."""
+    with the model, then everything needed to go on (weights, optimiser, random states, history) to
+    `state_file`: an interrupted run started again resumes after its last finished epoch, as if never stopped.
+    Returns the history."""
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     counts = np.bincount([s.label for s in train], minlength=model.fc.out_features)
@@ -191,8 +195,17 @@ def fine_tune(model: nn.Module, config: PreprocessConfig, train: Sequence[Sample
                         generator=torch.Generator().manual_seed(recipe.seed))
     total, warmup = recipe.epochs * len(loader), int(recipe.warmup_epochs * len(loader))
     labels = np.array([s.label for s in val])
-    history, step = [], 0
-    for epoch in range(1, recipe.epochs + 1):
+    history, step, first = [], 0, 1
+    if state_file is not None and state_file.is_file():
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        loader.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        random.setstate((3, tuple(saved["python_rng"]), saved["python_gauss"]))
+        history, step, first = saved["history"], saved["step"], len(saved["history"]) + 1
+        print(f"resumed after epoch {first - 1} of {recipe.epochs} ({state_file})", flush=True)
+    for epoch in range(first, recipe.epochs + 1):
         started, model = time.perf_counter(), model.train()
         losses = []
         for images, targets, masks, known in tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False):
@@ -213,6 +226,12 @@ def fine_tune(model: nn.Module, config: PreprocessConfig, train: Sequence[Sample
               flush=True)
         if on_epoch:
             on_epoch(row, model)
+        if state_file is not None:
+            temporary = state_file.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                        "step": step, "generator": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                        "python_rng": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}, temporary)
+            temporary.replace(state_file)
     return history
 
 

@@ -157,6 +157,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra", action="append", default=[], help="CLASS=FOLDER: more training films of CLASS; "
                         "repeatable")
     parser.add_argument("--epochs", default=Recipe.epochs, type=int)
+    parser.add_argument("--image-size", default=None, type=int,
+                        help="the input side in pixels (default: the starting model's, 128)")
     parser.add_argument("--box-weight", default=Recipe.box_weight, type=float,
                         help="weight of the localisation loss where the data has boxes (0: off)")
     parser.add_argument("--data-root", default=None, help="the shared data sets (default: $CXR_DATA or "
@@ -179,7 +181,7 @@ def main(args: argparse.Namespace) -> Run:
     request = Request(name=args.name, data=str(Path(args.data).resolve()), positive=args.positive,
                       version=args.version, rule=args.rule, min_sensitivity=args.min_sensitivity,
                       others=tuple(str(Path(o).resolve()) for o in args.other), extra=tuple(args.extra),
-                      recipe=Recipe(epochs=args.epochs, box_weight=args.box_weight),
+                      recipe=Recipe(epochs=args.epochs, box_weight=args.box_weight, image_size=args.image_size),
                       data_root=str(root.resolve()) if root.is_dir() else None,
                       intended=args.intended_population, model_card=args.model_card)
     try:

@@ -67,6 +67,7 @@ def _options(request: Any) -> str:
     shown = [f"VERSION={request.version}" if request.version != default.version else "",
              f"RULE={request.rule}" if request.rule != default.rule else "",
              f"EPOCHS={request.recipe.epochs}" if request.recipe.epochs != default.recipe.epochs else "",
+             f"SIZE={request.recipe.image_size}" if request.recipe.image_size else "",
              *(f"OTHER={_shown(folder)}" for folder in request.others), *(f"EXTRA={item}" for item in request.extra)]
     return "".join(f" {option}" for option in shown if option)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ def train(run: Run) -> dict[str, Any]:
     init, start_scores = choose_start([path for path in SHIPPED if path.is_file()], train_samples, val_samples,
                                       positive_index)
     model, preprocessing = starting_model(init, class_names, positive)
+    if run.request.recipe.image_size:
+        preprocessing = replace(preprocessing, image_size=run.request.recipe.image_size)
     added = []
     if run.request.extra:
         held = [s.path for s in val_samples] + [s.path for s in _samples(run, "test", class_names, None)]
@@ -154,6 +157,9 @@ def train(run: Run) -> dict[str, Any]:
     config = ServingConfig(arch=load_checkpoint(init)["arch"], class_names=tuple(class_names),
                            positive_class=positive, threshold=None, preprocessing=preprocessing)
     best = {"val_auc": -1.0, "epoch": 0}
+    if (folder / "best.pt").is_file():  # an interrupted train step: its best epoch so far
+        kept = load_checkpoint(folder / "best.pt")
+        best.update(val_auc=kept["metrics"]["val_auc"], epoch=kept["epoch"])
     train_config = {"recipe": run.request.recipe.__dict__, "init": str(init.relative_to(REPO)),
                     "extra_films": len(added)}
 
@@ -165,7 +171,8 @@ def train(run: Run) -> dict[str, Any]:
                             half=True)
 
     history = fine_tune(model, preprocessing, train_samples + added, val_samples, run.request.recipe, positive_index,
-                        on_epoch=keep_best)
+                        on_epoch=keep_best, state_file=folder / "last_epoch.pt")
+    (folder / "last_epoch.pt").unlink()  # the step is done: its resume point is not needed
     (folder / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     return {"init": train_config["init"], "start_scores": start_scores, "best_epoch": best["epoch"],
             "val_auc": best["val_auc"],
