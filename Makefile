@@ -234,7 +234,9 @@ ADULT_INTENDED := Adult frontal chest X-rays (PA and AP, aged 18-92) like the NI
 	Pneumonia Detection Challenge; not children
 train-adult: setup
 	@scripts/system-deps.sh compiler
-	$(PY) -m training.make_model --shipped --name adult --data $(DATA_adult) --positive OPACITY --epochs 8 \
+	$(PY) -m training.adult_normals --multiclass $(CXR_DATA)/multiclass --out runs/extra_adult_normals
+	$(PY) -m training.make_model --shipped --name adult --data $(DATA_adult) --positive OPACITY --epochs 6 \
+		--image-size 224 --extra NO_OPACITY=runs/extra_adult_normals \
 		--intended-population "$(ADULT_INTENDED)" --model-card docs/model_cards/adult.md
 
 ship-adult:
