@@ -39,6 +39,10 @@ TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings a PACS gives while storing
+# How often an idle association's network thread looks for data (pynetdicom: every 1 ms, which keeps a core
+# busy with a few associations open, the node's own kept ones included); 5 ms costs a film at most that.
+POLL_SECONDS = 0.005
+IDLE_RELEASE_SECONDS = 2.0  # a worker releases its association with the destination after this long idle
 
 
 class Transient(Exception):
@@ -55,7 +59,7 @@ class Node:
         self.server: Any = None
         self.threads: list[threading.Thread] = []
         self._versions: dict[str, str] = {}
-        self._local = threading.local()  # each worker's association with the destination
+        self._local = threading.local()  # each worker's association with the destination, and when it last sent
         self._received: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # bytes per association
 
     def _client(self) -> Client:
@@ -78,7 +82,8 @@ class Node:
         ae.maximum_pdu_size = 1 << 20  # 1 MiB P-DATA fragments: a film in a few PDUs, not hundreds of 16 kB ones
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_DATA_RECV, self._on_data),
-            (evt.EVT_ABORTED, self._on_gone), (evt.EVT_CONN_CLOSE, self._on_gone)])
+            (evt.EVT_ABORTED, self._on_gone), (evt.EVT_CONN_CLOSE, self._on_gone),
+            (evt.EVT_CONN_OPEN, self._on_open)])
         for index in range(self.config.workers):
             thread = threading.Thread(target=self._drain, name=f"dicom-worker-{index}", daemon=True)
             thread.start()
@@ -118,6 +123,10 @@ class Node:
             event.assoc.abort(block=False)
 
     @staticmethod
+    def _on_open(event: Any) -> None:
+        event.assoc.dul._run_loop_delay = POLL_SECONDS
+
+    @staticmethod
     def _on_gone(event: Any) -> None:
         """A sender gone mid-transfer (or cut off): pynetdicom keeps the part of the dataset it received in a
         temporary file and leaves it there; it is removed, so nothing half-written stays behind (closed once the
@@ -133,6 +142,7 @@ class Node:
         while not self.stopping.is_set():
             item = self.spool.claim()
             if item is None:
+                self._release_destination(idle_for=IDLE_RELEASE_SECONDS)
                 self.stopping.wait(0.1)
                 continue
             delay = min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6))
@@ -150,9 +160,16 @@ class Node:
                              "detail": {"error": f"{type(error).__name__}: {error}"[:500],
                                         "attempts": item.attempts + 1}}]
             self.spool.finish(item, outcomes)
+        self._release_destination(idle_for=0.0)
+
+    def _release_destination(self, idle_for: float) -> None:
+        """Release this worker's association with the destination once it sent nothing for `idle_for` seconds:
+        an open association keeps network threads polling."""
         held = getattr(self._local, "association", None)
-        if held is not None and held.is_established:
-            held.release()
+        if held is not None and time.monotonic() - self._local.last_sent >= idle_for:
+            self._local.association = None
+            if held.is_established:
+                held.release()
 
     def answer(self, item: Queued) -> list[dict[str, Any]]:
         """The audit rows of one film: skipped with its reason, or one per model with its SR (and FHIR) sent."""
@@ -251,6 +268,7 @@ class Node:
             except (RuntimeError, ValueError, OSError):
                 status = None
             if status is not None and status.get("Status") in STORED:
+                self._local.last_sent = time.monotonic()
                 return
         raise Transient(f"{self.config.send_to} did not store the SR (status {getattr(status, 'Status', None)})")
 
@@ -271,7 +289,8 @@ class Node:
         association = ae.associate(host, port, ae_title=title)
         if not association.is_established:
             raise Transient(f"cannot associate with {self.config.send_to}")
-        self._local.association = association
+        association.dul._run_loop_delay = POLL_SECONDS
+        self._local.association, self._local.last_sent = association, time.monotonic()
         return association
 
     def _write_fhir(self, document: dict[str, Any]) -> None:
