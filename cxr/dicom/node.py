@@ -124,6 +124,7 @@ class Node:
 
     @staticmethod
     def _on_open(event: Any) -> None:
+        """A sender's association polls the network as the node's own do (POLL_SECONDS)."""
         event.assoc.dul._run_loop_delay = POLL_SECONDS
 
     @staticmethod
