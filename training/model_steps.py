@@ -172,7 +172,7 @@ def train(run: Run) -> dict[str, Any]:
 
     history = fine_tune(model, preprocessing, train_samples + added, val_samples, run.request.recipe, positive_index,
                         on_epoch=keep_best, state_file=folder / "last_epoch.pt")
-    (folder / "last_epoch.pt").unlink()  # the step is done: its resume point is not needed
+    (folder / "last_epoch.pt").unlink(missing_ok=True)  # the step is done: its resume point is not needed
     (folder / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     return {"init": train_config["init"], "start_scores": start_scores, "best_epoch": best["epoch"],
             "val_auc": best["val_auc"],
