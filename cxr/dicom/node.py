@@ -42,6 +42,7 @@ STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings a PACS gi
 # How often an idle association's network thread looks for data (pynetdicom: every 1 ms, which keeps a core
 # busy with a few associations open, the node's own kept ones included); 5 ms costs a film at most that.
 POLL_SECONDS = 0.005
+MAX_PDU_BYTES = 1 << 20  # P-DATA fragments a sender may send: a film in a few PDUs, not hundreds of 16 kB ones
 IDLE_RELEASE_SECONDS = 2.0  # a worker releases its association with the destination after this long idle
 
 
@@ -79,7 +80,7 @@ class Node:
             ae.add_supported_context(context.abstract_syntax, list(DECODED_SYNTAXES))
         ae.add_supported_context(Verification)
         ae.maximum_associations = 8
-        ae.maximum_pdu_size = 1 << 20  # 1 MiB P-DATA fragments: a film in a few PDUs, not hundreds of 16 kB ones
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._on_store), (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_ABORTED, self._on_gone), (evt.EVT_CONN_CLOSE, self._on_gone),
@@ -116,7 +117,7 @@ class Node:
         over) the sender is cut off at once, before the dataset fills the disk; just over, `_on_store` refuses."""
         received = self._received.get(event.assoc, 0) + len(event.data)
         self._received[event.assoc] = received
-        if received > self.config.max_bytes + (1 << 20) >= received - len(event.data):
+        if received > self.config.max_bytes + MAX_PDU_BYTES >= received - len(event.data):
             self.spool.record(event="rejected", calling_ae=event.assoc.requestor.ae_title, outcome="rejected",
                               detail={"reason": f"over the node's limit of {self.config.max_bytes} bytes while "
                                                 "receiving: association aborted"})
