@@ -73,9 +73,10 @@ class Orthanc:
     def upload(self, dicom: bytes) -> dict[str, Any]:
         return self.call("/instances", dicom, "POST", "application/dicom")
 
-    def send(self, resource: str, modality: str = "cxr") -> Any:
-        """Orthanc C-STOREs a study, series or instance to a modality, and waits until it is sent."""
-        return self.call(f"/modalities/{modality}/store", json.dumps({"Resources": [resource],
+    def send(self, *resources: str, modality: str = "cxr") -> Any:
+        """Orthanc C-STOREs studies, series or instances to a modality in one job (one association), and waits
+        until they are sent."""
+        return self.call(f"/modalities/{modality}/store", json.dumps({"Resources": list(resources),
                                                                      "Synchronous": True}).encode(), "POST")
 
     def study_instances(self, study_id: str, modality: str | None = None) -> list[dict[str, Any]]:

@@ -39,11 +39,24 @@ TRANSIENT = (404, 500, 502, 503, 504, 507)  # server down, restarting, model not
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
 STORED = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings a PACS gives while storing
-# How often an idle association's network thread looks for data (pynetdicom: every 1 ms, which keeps a core
-# busy with a few associations open, the node's own kept ones included); 5 ms costs a film at most that.
+# How often an association's two threads (pynetdicom's network and DIMSE loops) look for work. pynetdicom's
+# DIMSE loop sleeps 1 ms per turn, hard-coded: a thousand wake-ups a second per open association, each taking
+# the interpreter lock from the workers; at 5 ms a film waits at most that per step.
 POLL_SECONDS = 0.005
 MAX_PDU_BYTES = 1 << 20  # P-DATA fragments a sender may send: a film in a few PDUs, not hundreds of 16 kB ones
 IDLE_RELEASE_SECONDS = 2.0  # a worker releases its association with the destination after this long idle
+
+
+class _ReactorClock:
+    """`time` as pynetdicom's association module sees it in the node: its 1 ms loop sleep lasts POLL_SECONDS
+    (its shorter waits, and the rest of `time`, as they are)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(POLL_SECONDS if seconds == 0.001 else seconds)
 
 
 class Transient(Exception):
@@ -70,9 +83,10 @@ class Node:
 
     # --- receiving --------------------------------------------------------------------------------------------
     def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+        from pynetdicom import AE, AllStoragePresentationContexts, _config, association, evt
         from pynetdicom.sop_class import Verification
 
+        association.time = _ReactorClock()  # type: ignore[assignment]
         _config.STORE_RECV_CHUNKED_DATASET = True  # a received dataset goes to a temporary file, not to memory
         ae = AE(ae_title=self.config.ae_title)
         ae.require_calling_aet = list(self.config.allow)
