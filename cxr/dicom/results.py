@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -222,6 +223,10 @@ def structured_report(source: Dataset, result: Result) -> Dataset:
             SeriesInstanceUID=source.SeriesInstanceUID, ReferencedSOPSequence=[_referenced(
                 ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)])])]
     report.ContentSequence = [*template.model_items, *_items(source, result, "film"), *template.closing_items]
+    charset = report.get("SpecificCharacterSet")
+    # Encoded as its frozen parts were: pydicom then writes those as the bytes they are instead of decoding them
+    # again (a third of the time it takes to encode the report).
+    report.set_original_encoding(False, True, convert_encodings(charset) if charset else default_encoding)
     return report
 
 
