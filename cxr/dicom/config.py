@@ -30,7 +30,7 @@ class NodeConfig:
     grpc_port: int = 7070
     protocol: str = "rest"
     max_bytes: int = 64 * 1024 * 1024  # larger datasets are refused (out of resources)
-    workers: int = 4  # films answered at once (TorchServe batches them)
+    workers: int = 8  # films answered at once (TorchServe batches them; the others wait on the PACS meanwhile)
     max_delay: float = 10.0
     max_failures: int = 5
 
