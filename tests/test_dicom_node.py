@@ -101,9 +101,20 @@ def test_the_fast_report_is_the_one_highdicom_builds():
         for result in (Result.from_answer("pneumonia", ANSWER), Result.from_refusal("pneumonia", "1.0", *REFUSAL),
                        Result.from_answer("pneumonia", {**ANSWER, "label": "NORMAL", "threshold": None}),
                        Result.from_answer("pneumonia", {**ANSWER, "label": "ÖDEM", "probabilities": {"ÖDEM": 0.7}}),
-                       Result.from_refusal("pneumonia", "1.0", 422, "outside", {"intended_population": "Kinder 1–5"})):
+                       Result.from_refusal("pneumonia", "1.0", 422, "outside", {"intended_population": "Kinder 1–5"}),
+                       Result.from_answer("pneumonia", {**ANSWER, "model": "lunge-ü"})):
             assert written(structured_report(source, result)) == written(highdicom_report(source, result))
     assert written(structured_report(first, Result.from_answer("pneumonia", ANSWER))) == made_first
+
+
+def test_the_fast_report_writes_its_frozen_parts_as_the_bytes_they_are():
+    """Encoding a report leaves the parts it shares with other reports as bytes (decoding them again for every
+    film would cost more than building the report), with and without the film's character set."""
+    for source in (header()[0], header(SpecificCharacterSet="ISO_IR 192", PatientName="Müller^Jürgen")[0]):
+        report = structured_report(source, Result.from_answer("pneumonia", ANSWER))
+        _saved(report)
+        assert report.get_item(0x00080070).is_raw  # Manufacturer, from the first report
+        assert all(item.get_item(0x0040A040).is_raw for item in report.ContentSequence)  # each item's ValueType
 
 
 def test_a_refusal_is_reported_as_such_never_as_a_negative_finding():

@@ -21,7 +21,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -196,7 +196,14 @@ class _Template:
 
 
 _templates: dict[tuple, _Template] = {}
-_skeletons: dict[tuple, Dataset] = {}  # content items by value type and concept, frozen, with a stand-in value
+class _Skeleton(NamedTuple):
+    """A frozen content item without its value; for a number, also its measured-value item without the number."""
+
+    item: Dataset
+    measured: Dataset | None
+
+
+_skeletons: dict[tuple, _Skeleton] = {}  # by value type and concept (and the code, for a CODE item)
 VALUE_KEYWORDS = {"TEXT": "TextValue", "NUM": "MeasuredValueSequence", "IMAGE": "ReferencedSOPSequence"}
 STAND_INS = {"TEXT": "-", "NUM": 0.0, "IMAGE": ("1.2", "1.2")}
 
@@ -205,6 +212,8 @@ def structured_report(source: Dataset, result: Result) -> Dataset:
     """The Comprehensive SR for `result`: byte for byte `highdicom_report` but for the times it was made, built and
     encoded in about a tenth of the time: what every film of a model shares (the document attributes, each kind
     of content item) is built and encoded once, with highdicom; a film adds its own values."""
+    if not (result.model + result.version).isascii():  # in the frozen series description: ASCII only
+        return highdicom_report(source, result)
     key = (result.model, result.version, tuple(keyword for keyword in EVIDENCE_ATTRIBUTES if keyword in source))
     template, uids = _templates.get(key), result.uids(source)
     if template is None:  # worker threads may both build one: the same template either way
@@ -229,42 +238,47 @@ def structured_report(source: Dataset, result: Result) -> Dataset:
         StudyInstanceUID=source.StudyInstanceUID, ReferencedSeriesSequence=[_referenced(
             SeriesInstanceUID=source.SeriesInstanceUID, ReferencedSOPSequence=[_referenced(
                 ReferencedSOPClassUID=source.SOPClassUID, ReferencedSOPInstanceUID=source.SOPInstanceUID)])])]
-    charset = report.get("SpecificCharacterSet")
-    encoding = convert_encodings(charset) if charset else default_encoding
-    report.ContentSequence = [_fast_item(*item, encoding) for part in ("model", "film", "closing")
+    report.ContentSequence = [_fast_item(*item) for part in ("model", "film", "closing")
                               for item in _content(source, result, part)]
-    report.set_original_encoding(False, True, encoding)
-    return report
+    charset = report.get("SpecificCharacterSet")
+    return _as_frozen(report, convert_encodings(charset) if charset else default_encoding)
 
 
-def _fast_item(kind: str, name: Concept, value: Any, encoding: str | list[str]) -> Dataset:
-    """One content item: the frozen one of its value type and concept (built by highdicom once) with this item's
-    value. Said to be encoded as its frozen parts are, so that pydicom writes those as the bytes they are instead
-    of decoding them again. A concept outside ASCII is built by highdicom (frozen parts are ASCII only)."""
+def _fast_item(kind: str, name: Concept, value: Any) -> Dataset:
+    """One content item: a copy of the frozen one of its value type and concept (built by highdicom once) with this
+    item's value. A concept outside ASCII is built by highdicom (frozen parts are ASCII only)."""
     if not "".join((*name, *(value if kind == "CODE" else ()))).isascii():
         return _highdicom_item(kind, name, value)
     key = (kind, name, value if kind == "CODE" else None)
-    if key not in _skeletons:
+    skeleton = _skeletons.get(key)
+    if skeleton is None:  # parsed as far as it is used here before threads share it: never converted after
+        item = _frozen(_highdicom_item(kind, name, STAND_INS.get(kind, value)))
+        measured = None
+        if kind == "NUM":
+            measured = _copy(item.MeasuredValueSequence[0], ("NumericValue", "FloatingPointValue"))
         if len(_skeletons) >= 4096:
             _skeletons.clear()
-        _skeletons[key] = _frozen(_highdicom_item(kind, name, STAND_INS.get(kind, value)))
-    skeleton = _skeletons[key]
-    if kind == "CODE":
-        return skeleton
-    item = _copy(skeleton, (VALUE_KEYWORDS[kind],))
+        skeleton = _skeletons[key] = _Skeleton(_copy(item, (VALUE_KEYWORDS.get(kind, ""),)), measured)
+    item = _as_frozen(_copy(skeleton.item, ()))
     if kind == "TEXT":
         item.TextValue = value
     elif kind == "IMAGE":
         item.ReferencedSOPSequence = [_referenced(ReferencedSOPClassUID=value[0], ReferencedSOPInstanceUID=value[1])]
-    else:  # a number as highdicom writes one: decimal string and, for a float, the float itself
-        measured = _copy(skeleton.MeasuredValueSequence[0], ("NumericValue", "FloatingPointValue"))
+    elif kind == "NUM":  # a number as highdicom writes one: decimal string and, for a float, the float itself
+        measured = _as_frozen(_copy(skeleton.measured, ()))
         measured.NumericValue = DS(value, auto_format=True)
         if isinstance(value, float):
             measured.FloatingPointValue = value
-        measured.set_original_encoding(False, True, encoding)
         item.MeasuredValueSequence = [measured]
-    item.set_original_encoding(False, True, encoding)
     return item
+
+
+def _as_frozen(dataset: Dataset, encoding: str | list[str] = default_encoding) -> Dataset:
+    """Say `dataset` is encoded as its frozen parts are (explicit VR little endian, its character set): pydicom
+    then writes those as the bytes they are instead of decoding them again. An item's own character set is
+    pydicom's default (its text is written in the report's: the frozen parts are ASCII)."""
+    dataset.set_original_encoding(False, True, encoding)
+    return dataset
 
 
 def _frozen(dataset: Dataset) -> Dataset:
