@@ -70,7 +70,7 @@ class Node:
         self.connect = connect or self._client  # called again when TorchServe refuses the key (a restart)
         self.client: Client | None = None  # connected at the first film: TorchServe may start after the node
         self.stopping = threading.Event()
-        self.arrived = threading.Event()  # set when a film is queued: a waiting worker starts at once
+        self.arrived = threading.Semaphore(0)  # one release per film queued: one waiting worker starts at once
         self.server: Any = None
         self.threads: list[threading.Thread] = []
         self._versions: dict[str, str] = {}
@@ -125,7 +125,7 @@ class Node:
             return FAILURE_CANNOT_UNDERSTAND
         self.spool.enqueue(path, sop_uid, calling_ae, {"study_uid": str(header.get("StudyInstanceUID", "")),
                                                        "series_uid": str(header.get("SeriesInstanceUID", ""))})
-        self.arrived.set()
+        self.arrived.release()
         return 0x0000
 
     def _on_data(self, event: Any) -> None:
@@ -158,11 +158,10 @@ class Node:
     # --- answering --------------------------------------------------------------------------------------------
     def _drain(self) -> None:
         while not self.stopping.is_set():
-            self.arrived.clear()  # before the claim: a film queued after it sets it again
             item = self.spool.claim()
             if item is None:
                 self._release_destination(idle_for=IDLE_RELEASE_SECONDS)
-                self.arrived.wait(0.1)  # or a film waiting for its next try is due
+                self.arrived.acquire(timeout=0.1)  # or a film waiting for its next try is due
                 continue
             delay = min(self.config.max_delay, 0.5 * 2 ** min(item.attempts, 6))
             try:
