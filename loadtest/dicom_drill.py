@@ -35,6 +35,7 @@ import numpy as np
 from cxr import background, server
 from cxr.client import Client
 from cxr.commands import command_parser
+from cxr.dicom.config import NodeConfig
 from cxr.dicom.spool import read_audit
 from cxr.paths import REPO
 from cxr.server import free_ports
@@ -299,7 +300,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outage", type=float, default=30.0, help="seconds TorchServe stays stopped")
     parser.add_argument("--speed-films", type=int, default=60, help="films per throughput round")
     parser.add_argument("--speed-rounds", type=int, default=5, help="throughput rounds (the median ratio counts)")
-    parser.add_argument("--workers", type=int, default=8, help="the node's workers")
+    parser.add_argument("--workers", type=int, default=NodeConfig.workers, help="the node's workers")
     parser.add_argument("--model-store", default=str(REPO / "model_store"))
     parser.add_argument("--output", default="runs/reports/dicom_drills.md")
     return parser
