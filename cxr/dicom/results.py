@@ -196,6 +196,8 @@ class _Template:
 
 
 _templates: dict[tuple, _Template] = {}
+
+
 class _Skeleton(NamedTuple):
     """A frozen content item without its value; for a number, also its measured-value item without the number."""
 
