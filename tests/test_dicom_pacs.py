@@ -17,7 +17,7 @@ from cxr.dicom.spool import read_audit
 from cxr.server import free_ports
 from loadtest.dicom_films import fixture_pixels, study_film
 from loadtest.pacs import Orthanc, PacsMissing
-from tests.test_dicom_node import send, wait_until_drained
+from tests.dicom_support import send, wait_until_drained
 
 pytestmark = pytest.mark.integration
 STUDY = "1.2.826.0.1.3680043.10.2.7"
