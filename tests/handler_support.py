@@ -1,4 +1,5 @@
-"""A fake TorchServe context and tiny model files, so the handler runs without a server."""
+"""A fake TorchServe context, tiny model files and images their population check tells apart, so the handler
+runs without a server."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr_core.checkpoint import ServingConfig, save_checkpoint
+from cxr.paths import EXAMPLE_XRAYS
+from cxr_core.checkpoint import ServingConfig, model_from_checkpoint, save_checkpoint
 from cxr_core.models import build_model
-from cxr_core.preprocessing import PreprocessConfig
+from cxr_core.population import resnet_forward
+from cxr_core.preprocessing import EvalPreset, PreprocessConfig
 
 
 class RecordingMetrics:
@@ -118,3 +121,19 @@ def run(handler, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[int, tuple
     """Handle one batch; returns the answers and the statuses the handler set per request index."""
     context = FakeContext(".", "model.pt")
     return handler.handle(rows, context), context.statuses
+
+
+OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"
+
+
+def inside_and_outside_images() -> tuple[bytes, bytes]:
+    """Two X-ray-like images the tiny model's features tell apart (a synthetic film and its rolled copy)."""
+    gray = synthetic_xray()
+    return (encode(Image.fromarray(gray, mode="L"), "PNG"),
+            encode(Image.fromarray(np.clip(gray.astype(int) // 2 + 60, 0, 255).astype(np.uint8), mode="L"), "PNG"))
+
+
+def features_of(checkpoint: dict, images: list[bytes]) -> torch.Tensor:
+    preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
+    with torch.no_grad():
+        return resnet_forward(model_from_checkpoint(checkpoint), torch.stack([preset.load(i) for i in images]))[1]

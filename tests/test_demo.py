@@ -165,7 +165,7 @@ def test_phone_width_has_no_horizontal_scroll(browser, page, sample_paths):
 
 def test_an_xray_outside_the_population_is_refused_plainly(browser, page):
     from tests.conftest import SHIPPED_MODEL
-    from tests.test_population import OTHER_SOURCES
+    from tests.handler_support import OTHER_SOURCES
 
     if not SHIPPED_MODEL.is_file():
         pytest.skip("the tiny test model has no population check")

@@ -20,8 +20,7 @@ from cxr_core.population import CHECKPOINT_KEY, NARROW_KEY, TAPS, CheckedModel, 
 from cxr_core.preprocessing import EvalPreset
 from export.exporters import export_onnx, export_torchscript
 from tests.conftest import REPO, required_dataset
-from tests.handler_support import make_handler, run, write_tiny_checkpoint
-from tests.test_population import features_of, inside_and_outside_images
+from tests.handler_support import features_of, inside_and_outside_images, make_handler, run, write_tiny_checkpoint
 from training.narrow_class import CHILDREN, served_scores
 from training.population_data import catalog
 

@@ -14,9 +14,11 @@ from cxr_core.population import CHECKPOINT_KEY, TAPS, CheckedModel, population_s
 from cxr_core.preprocessing import EvalPreset
 from export.exporters import export_aoti, export_onnx, export_torchscript, quantize_onnx_int8
 from tests.handler_support import (
+    OTHER_SOURCES,
     FakeContext,
     assert_same_answer,
-    encode,
+    features_of,
+    inside_and_outside_images,
     make_handler,
     run,
     synthetic_xray,
@@ -26,22 +28,6 @@ from training.fit_population import choose, fit_gaussian, fit_logistic, flagged,
 from training.population_data import catalog, with_rsna_classes
 
 REPO_MODELS = EXAMPLE_XRAYS.parent.parent.parent / "models"
-OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"
-
-
-def inside_and_outside_images() -> tuple[bytes, bytes]:
-    """Two X-ray-like images the tiny model's features tell apart (a synthetic film and its rolled copy)."""
-    gray = synthetic_xray()
-    return (encode(Image.fromarray(gray, mode="L"), "PNG"),
-            encode(Image.fromarray(np.clip(gray.astype(int) // 2 + 60, 0, 255).astype(np.uint8), mode="L"), "PNG"))
-
-
-def features_of(checkpoint: dict, images: list[bytes]) -> torch.Tensor:
-    preset = EvalPreset(ServingConfig.from_checkpoint(checkpoint).preprocessing)
-    with torch.no_grad():
-        return resnet_forward(model_from_checkpoint(checkpoint), torch.stack([preset.load(i) for i in images]))[1]
-
-
 @pytest.fixture(scope="module")
 def checked_dir(tmp_path_factory):
     """A tiny checkpoint whose check puts the first image inside and the second outside: one feature, the one

@@ -12,8 +12,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import SHIPPED_MODEL
-from tests.handler_support import assert_same_answer
-from tests.test_population import OTHER_SOURCES
+from tests.handler_support import OTHER_SOURCES, assert_same_answer
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,8 @@ from cxr import cli
 from cxr.client import Client as CxrClient
 from cxr.client import PredictionError
 from tests.conftest import SHIPPED_MODEL
-from tests.handler_support import assert_same_answer
+from tests.handler_support import OTHER_SOURCES, assert_same_answer
 from tests.serving_support import run_cli
-from tests.test_population import OTHER_SOURCES
 
 pytestmark = pytest.mark.integration
 
