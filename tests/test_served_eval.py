@@ -1,10 +1,10 @@
 """training.served_eval scores what a served model answers, reading its classes and positive class from the
-handler's describe; refusals are counted, and another data set's classes give counts only."""
+handler's describe; refusals are counted, and another data set's classes give counts per class only."""
 
 from pathlib import Path
 
 from cxr.client import PredictionError
-from training.served_eval import evaluate
+from training.served_eval import evaluate, markdown
 
 SCORES = {"n1": 0.1, "n2": 0.4, "o1": 0.7, "o2": 0.3, "o3": 0.9}  # p(OPACITY) per film; "o3" is refused
 
@@ -48,3 +48,14 @@ def test_another_data_sets_classes_give_counts_only(tmp_path):
     folder = films(tmp_path, {"NORMAL": ["n1"], "PNEUMONIA": ["o1"]})
     result = evaluate(FakeServer(), "adult", folder, threads=1)
     assert result["answered"] == 2 and "report" not in result
+    assert result["by_folder"] == {"NORMAL": {"NO_OPACITY": 1}, "PNEUMONIA": {"OPACITY": 1}}
+
+
+def test_each_folder_says_what_came_back_for_it(tmp_path):
+    folder = films(tmp_path, {"NO_OPACITY": ["n1", "n2"], "OPACITY": ["o1", "o2", "o3"]})
+    result = evaluate(FakeServer(), "adult", folder, threads=2)
+    assert result["by_folder"] == {"NO_OPACITY": {"NO_OPACITY": 2}, "OPACITY": {"OPACITY": 1, "NO_OPACITY": 1,
+                                                                                 "refused": 1}}
+    text = markdown("adult", folder, result)
+    assert "| folder | films | NO_OPACITY | OPACITY | refused |" in text
+    assert "| OPACITY | 3 | 1 | 1 | 1 |" in text and "| NO_OPACITY | 2 | 2 | 0 | 0 |" in text

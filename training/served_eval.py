@@ -1,5 +1,6 @@
 """A served model judged through TorchServe: every film of an ImageFolder split sent as a client sends it, the
-answers scored with 95% bootstrap intervals, the refusals counted by reason.
+answers scored with 95% bootstrap intervals, the refusals counted by reason, and what came back for each of the
+folder's classes (for another data set's classes, the only figures that can be given).
 
     make serve && python -m training.served_eval --model adult --data ../shared/data/rsna --split test \\
         --output runs/served/adult.md
@@ -45,8 +46,12 @@ def evaluate(client: Client, model: str, folder: Path, threads: int = 4) -> dict
                 if "answer" in result]
     refused = Counter(f"{result['status']} {result['reason']}" for result in results if "answer" not in result)
     served_labels = Counter(answer["label"] for _, answer in answered)
+    by_folder: dict[str, Counter] = {}
+    for (_, label), result in zip(films, results, strict=True):
+        by_folder.setdefault(label, Counter())[result["answer"]["label"] if "answer" in result else "refused"] += 1
     counts = {"films": len(films), "answered": len(answered), "refused": dict(refused),
-              "labels_answered": dict(served_labels)}
+              "labels_answered": dict(served_labels),
+              "by_folder": {label: dict(outcomes) for label, outcomes in sorted(by_folder.items())}}
     if not answered:
         return counts
     version, threshold = answered[0][1]["version"], answered[0][1]["threshold"]
@@ -67,6 +72,10 @@ def markdown(model: str, folder: Path, result: dict[str, Any]) -> str:
              f"{result['films']} films sent; {result['answered']} answered; refused: "
              f"{', '.join(f'{k}: {v}' for k, v in result['refused'].items()) or 'none'}; labels answered: "
              f"{', '.join(f'{k} {v}' for k, v in result['labels_answered'].items()) or 'none'}.", ""]
+    outcomes = sorted({outcome for row in result["by_folder"].values() for outcome in row} - {"refused"}) + ["refused"]
+    rows = [[label, sum(row.values()), *(row.get(outcome, 0) for outcome in outcomes)]
+            for label, row in result["by_folder"].items()]
+    lines += [*table(["folder", "films", *outcomes], rows), ""]
     if "report" in result:
         report = result["report"]
         lines += [f"Version {result['version']}, threshold {result['threshold']}.", "",
