@@ -17,6 +17,8 @@ from cxr_core.models import build_model
 from cxr_core.population import resnet_forward
 from cxr_core.preprocessing import EvalPreset, PreprocessConfig
 
+OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"  # films of other kinds, for the population check
+
 
 class RecordingMetrics:
     """Stands in for TorchServe's metrics cache: remembers (method, name, value, dimensions)."""
@@ -122,8 +124,6 @@ def run(handler, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[int, tuple
     context = FakeContext(".", "model.pt")
     return handler.handle(rows, context), context.statuses
 
-
-OTHER_SOURCES = EXAMPLE_XRAYS.parent / "other_sources"
 
 
 def inside_and_outside_images() -> tuple[bytes, bytes]:
