@@ -132,14 +132,14 @@ model_store/%.mar: runs/export-%/model.onnx $(ARCHIVE_INPUTS)
 
 # A model of your own films, from a labelled folder to archives in model_store/ (README, "Your own model"):
 # make model NAME=<name> DATA=<folder> [POSITIVE=<class>] [VERSION=1.0] [OTHER="<folder> ..."] [RULE=recall|youden]
-# [EXTRA="<CLASS>=<folder> ..."] [EPOCHS=10] [SIZE=<input pixels>] [INTENDED="<whom the model is for>"]. Resumes where it stopped (runs/models/<name>/).
+# [EXTRA="<CLASS>=<folder> ..."] [EPOCHS=10] [SIZE=<input pixels>] [DETAIL=<pixels>] [INTENDED="<whom the model is for>"]. Resumes where it stopped (runs/models/<name>/).
 model: setup
 	@test "$(origin NAME)" != file -a -n "$(DATA)" || \
 		{ echo "usage: make model NAME=<name> DATA=<folder> [POSITIVE=<class>] (see README, Your own model)"; exit 2; }
 	@scripts/system-deps.sh compiler
 	$(PY) -m training.make_model --name $(NAME) --data $(DATA) --version $(VERSION) \
 		$(if $(POSITIVE),--positive $(POSITIVE)) $(if $(RULE),--rule $(RULE)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-		$(if $(SIZE),--image-size $(SIZE)) $(foreach o,$(OTHER),--other $(o)) $(foreach e,$(EXTRA),--extra $(e)) \
+		$(if $(SIZE),--image-size $(SIZE)) $(if $(DETAIL),--detail $(DETAIL)) $(foreach o,$(OTHER),--other $(o)) $(foreach e,$(EXTRA),--extra $(e)) \
 		$(if $(INTENDED),--intended-population "$(INTENDED)")
 
 # The population check (docs/trust.md): fitted on the frozen model's feature statistics against the other

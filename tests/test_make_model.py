@@ -186,7 +186,9 @@ def test_a_run_folder_of_other_settings_is_never_reused(own_films, tmp_path):
 @pytest.mark.integration
 def test_one_command_from_folder_to_served_model(own_films, tmp_path, capsys):
     runs, store = tmp_path / "runs", tmp_path / "store"
-    run = make_model(request(own_films), runs=runs, model_store=store)
+    made = request(own_films)
+    made = replace(made, recipe=replace(made.recipe, detail=64))  # films squashed to 64 px, then to the input size
+    run = make_model(made, runs=runs, model_store=store)
     steps = run.state["steps"]
     assert list(steps) == ["check", "train", "calibrate", "gate", "population", "export", "archive", "report",
                            "card"]
@@ -194,7 +196,7 @@ def test_one_command_from_folder_to_served_model(own_films, tmp_path, capsys):
     assert {Path(p).name for p in steps["archive"]["archives"]} >= {"ours.mar", "ours_eager.mar", "ours_onnx.mar"}
     checkpoint = load_checkpoint(run.path("population", "model.pt"))
     assert checkpoint["class_names"] == ["NORMAL", "PNEUMONIA"] and 0.0 < checkpoint["threshold"] < 1.0
-    assert checkpoint["population_check"]["limit"] > 0
+    assert checkpoint["population_check"]["limit"] > 0 and checkpoint["preprocessing"]["detail"] == 64
     assert checkpoint["population_check"]["model_card"] == str(run.path("model_card.md").resolve())  # refusals
     card = run.path("model_card.md").read_text()
     for section in ("## Model details", "## Intended use", "## Metrics", "## The population check",
@@ -204,7 +206,7 @@ def test_one_command_from_folder_to_served_model(own_films, tmp_path, capsys):
     # A second run resumes: every step is skipped, nothing is rewritten.
     archive_time = (store / "ours.mar").stat().st_mtime_ns
     capsys.readouterr()
-    make_model(request(own_films), runs=runs, model_store=store)
+    make_model(made, runs=runs, model_store=store)
     assert capsys.readouterr().out.count("done before") == 9
     assert (store / "ours.mar").stat().st_mtime_ns == archive_time
     # Served by a real TorchServe, as `make serve MODELS="... ours"` would.

@@ -111,8 +111,32 @@ def test_train_preset_augments_but_keeps_shape():
 
 
 def test_config_round_trip():
-    config = PreprocessConfig(image_size=160, channels=3, mean=(0.4,), std=(0.2,))
+    config = PreprocessConfig(image_size=160, channels=3, mean=(0.4,), std=(0.2,), detail=96)
     assert PreprocessConfig.from_dict(config.to_dict()) == config
+    older = {key: value for key, value in config.to_dict().items() if key != "detail"}  # a checkpoint made before
+    assert PreprocessConfig.from_dict(older).detail is None
+
+
+def test_detail_squashes_the_film_first_and_keeps_the_input_size():
+    """With `detail`, the input is the film squashed to detail x detail and then to the input size: the fine
+    texture is gone, the size (and so the Grad-CAM grid) is the input size's."""
+    gray = xray_like()
+    gray[::2] = gray[::2] // 2  # a fine line pattern, finer than 48 px can hold
+    image = Image.fromarray(gray, mode="L")
+    coarse = EvalPreset(PreprocessConfig(image_size=96, detail=48))(image)
+    assert coarse.shape == (1, 96, 96)
+    by_hand = EvalPreset(CONFIG)(image.resize((48, 48), Image.BILINEAR))
+    assert torch.allclose(coarse, by_hand, atol=1e-6)
+    assert not torch.allclose(coarse, EvalPreset(CONFIG)(image), atol=0.05)
+    augmented = TrainPreset(PreprocessConfig(image_size=96, detail=48), degrees=0, translate=0, scale=(1, 1),
+                            brightness=0, contrast=0)(image)
+    assert torch.allclose(augmented, coarse, atol=1e-6)
+
+
+@pytest.mark.parametrize("detail", [0, 96, 200])
+def test_a_detail_not_below_the_input_size_is_refused(detail):
+    with pytest.raises(ValueError, match="detail"):
+        EvalPreset(PreprocessConfig(image_size=96, detail=detail))
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ class Recipe:
     warmup_epochs: float = 0.5
     box_weight: float = 1.0
     image_size: int | None = None  # the model's input side in pixels; None: the starting model's
+    detail: int | None = None  # films squashed to this side first (PreprocessConfig.detail); None: not
     seed: int = 0
 
 

@@ -55,7 +55,11 @@ class Request:
         return json.loads(json.dumps(asdict(self)))
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """The settings' fingerprint; a recipe without `detail` keeps the fingerprint it had before that option."""
+        settings = asdict(self)
+        if settings["recipe"]["detail"] is None:
+            del settings["recipe"]["detail"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -159,6 +163,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=Recipe.epochs, type=int)
     parser.add_argument("--image-size", default=None, type=int,
                         help="the input side in pixels (default: the starting model's, 128)")
+    parser.add_argument("--detail", default=None, type=int,
+                        help="squash films to this side first, then to the input side (less source texture)")
     parser.add_argument("--box-weight", default=Recipe.box_weight, type=float,
                         help="weight of the localisation loss where the data has boxes (0: off)")
     parser.add_argument("--data-root", default=None, help="the shared data sets (default: $CXR_DATA or "
@@ -181,7 +187,8 @@ def main(args: argparse.Namespace) -> Run:
     request = Request(name=args.name, data=str(Path(args.data).resolve()), positive=args.positive,
                       version=args.version, rule=args.rule, min_sensitivity=args.min_sensitivity,
                       others=tuple(str(Path(o).resolve()) for o in args.other), extra=tuple(args.extra),
-                      recipe=Recipe(epochs=args.epochs, box_weight=args.box_weight, image_size=args.image_size),
+                      recipe=Recipe(epochs=args.epochs, box_weight=args.box_weight, image_size=args.image_size,
+                                    detail=args.detail),
                       data_root=str(root.resolve()) if root.is_dir() else None,
                       intended=args.intended_population, model_card=args.model_card)
     try:

@@ -147,6 +147,8 @@ def train(run: Run) -> dict[str, Any]:
     model, preprocessing = starting_model(init, class_names, positive)
     if run.request.recipe.image_size:
         preprocessing = replace(preprocessing, image_size=run.request.recipe.image_size)
+    if run.request.recipe.detail:
+        preprocessing = replace(preprocessing, detail=run.request.recipe.detail)
     added = []
     if run.request.extra:
         held = [s.path for s in val_samples] + [s.path for s in _samples(run, "test", class_names, None)]
