@@ -171,6 +171,12 @@ def test_bad_inputs_stop_before_training(own_films, tmp_path):
         make_model(request(own_films), runs=runs, model_store=store)
     assert (store / "ours.mar").read_bytes() == b"the user's archive"
     assert not (runs / "ours" / "train").exists()
+    made = request(own_films)
+    for recipe in (replace(made.recipe, detail=128), replace(made.recipe, image_size=96, detail=96),
+                   replace(made.recipe, detail=0)):
+        with pytest.raises(DataError, match="DETAIL=.* below the input size"):
+            make_model(replace(made, recipe=recipe), runs=runs, model_store=store)
+    assert not (runs / "ours").exists()
 
 
 def test_a_run_folder_of_other_settings_is_never_reused(own_films, tmp_path):

@@ -115,9 +115,24 @@ def steps() -> list[tuple[str, Callable[[Run], dict[str, Any]]]]:
             ("archive", model_steps.archive), ("report", model_steps.report), ("card", model_steps.card)]
 
 
+def check_detail(recipe: Recipe) -> None:
+    """DETAIL must lie below the input size (SIZE, or else that of every model training may start from)."""
+    if recipe.detail is None:
+        return
+    from cxr_core.checkpoint import load_checkpoint, preprocess_config
+    from training.model_steps import SHIPPED
+
+    sizes = [recipe.image_size] if recipe.image_size else [
+        preprocess_config(load_checkpoint(path)).image_size for path in SHIPPED if path.is_file()]
+    if not all(0 < recipe.detail < size for size in sizes):
+        raise DataError(f"DETAIL={recipe.detail} must be a side in pixels below the input size "
+                        f"({', '.join(map(str, sorted(set(sizes))))}): choose a smaller DETAIL or a larger SIZE")
+
+
 def make_model(request: Request, *, runs: Path = REPO / "runs" / "models", model_store: Path = REPO / "model_store",
                served: tuple[str, ...] = SERVED_MODELS, stop_after: str | None = None) -> Run:
     """Run (or resume) every step for `request`; DataError with one line on the user's input."""
+    check_detail(request.recipe)
     run = Run(request, runs / request.name, model_store, served)
     run.load()
     plan = steps()
