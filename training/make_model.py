@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,17 +116,22 @@ def steps() -> list[tuple[str, Callable[[Run], dict[str, Any]]]]:
 
 
 def check_detail(recipe: Recipe) -> None:
-    """DETAIL must lie below the input size (SIZE, or else that of every model training may start from)."""
+    """DETAIL must suit the input of every model training may start from (SIZE, or that model's own size): checked
+    by the preprocessing itself, before any step runs."""
     if recipe.detail is None:
         return
     from cxr_core.checkpoint import load_checkpoint, preprocess_config
+    from cxr_core.preprocessing import EvalPreset
     from training.model_steps import SHIPPED
 
-    sizes = [recipe.image_size] if recipe.image_size else [
-        preprocess_config(load_checkpoint(path)).image_size for path in SHIPPED if path.is_file()]
-    if not all(0 < recipe.detail < size for size in sizes):
-        raise DataError(f"DETAIL={recipe.detail} must be a side in pixels below the input size "
-                        f"({', '.join(map(str, sorted(set(sizes))))}): choose a smaller DETAIL or a larger SIZE")
+    for path in (path for path in SHIPPED if path.is_file()):
+        config = preprocess_config(load_checkpoint(path))
+        config = replace(config, image_size=recipe.image_size or config.image_size, detail=recipe.detail)
+        try:
+            EvalPreset(config)
+        except ValueError:
+            raise DataError(f"DETAIL={recipe.detail} must be a side in pixels below the input size "
+                            f"({config.image_size}): choose a smaller DETAIL or a larger SIZE") from None
 
 
 def make_model(request: Request, *, runs: Path = REPO / "runs" / "models", model_store: Path = REPO / "model_store",
