@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,12 @@ class Recipe:
     image_size: int | None = None  # the model's input side in pixels; None: the starting model's
     detail: int | None = None  # films squashed to this side first (PreprocessConfig.detail); None: not
     seed: int = 0
+
+
+def recipe_preprocessing(config: PreprocessConfig, recipe: Recipe) -> PreprocessConfig:
+    """The starting model's preprocessing with the recipe's input size and detail where it sets them."""
+    return replace(config, image_size=recipe.image_size or config.image_size,
+                   detail=config.detail if recipe.detail is None else recipe.detail)
 
 
 def parse_boxes(text: str) -> tuple[Box, ...]:

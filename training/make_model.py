@@ -19,14 +19,14 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxr.commands import command_parser
 from cxr.paths import REPO, data_root
 from export.archive import FIRST_VERSION
-from training.fine_tune import Recipe
+from training.fine_tune import Recipe, recipe_preprocessing
 from training.own_data import SERVED_MODELS, DataError
 
 STATE = "state.json"
@@ -125,8 +125,7 @@ def check_detail(recipe: Recipe) -> None:
     from training.model_steps import SHIPPED
 
     for path in (path for path in SHIPPED if path.is_file()):
-        config = preprocess_config(load_checkpoint(path))
-        config = replace(config, image_size=recipe.image_size or config.image_size, detail=recipe.detail)
+        config = recipe_preprocessing(preprocess_config(load_checkpoint(path)), recipe)
         try:
             EvalPreset(config)
         except ValueError:

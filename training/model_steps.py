@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from cxr_core.checkpoint import ServingConfig, load_checkpoint, save_checkpoint,
 from cxr_core.gate import OodGate
 from cxr_core.preprocessing import EvalPreset, load_image
 from cxr_core.variants import VARIANTS
-from training.fine_tune import Sample, choose_start, fine_tune, parse_boxes, starting_model
+from training.fine_tune import Sample, choose_start, fine_tune, parse_boxes, recipe_preprocessing, starting_model
 from training.make_model import Run
 from training.own_data import MANIFEST, DataError, DataPlan, describe, plan_data, split_counts
 
@@ -145,10 +144,7 @@ def train(run: Run) -> dict[str, Any]:
     init, start_scores = choose_start([path for path in SHIPPED if path.is_file()], train_samples, val_samples,
                                       positive_index)
     model, preprocessing = starting_model(init, class_names, positive)
-    if run.request.recipe.image_size:
-        preprocessing = replace(preprocessing, image_size=run.request.recipe.image_size)
-    if run.request.recipe.detail:
-        preprocessing = replace(preprocessing, detail=run.request.recipe.detail)
+    preprocessing = recipe_preprocessing(preprocessing, run.request.recipe)
     added = []
     if run.request.extra:
         held = [s.path for s in val_samples] + [s.path for s in _samples(run, "test", class_names, None)]
