@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.decision import calibrated_probabilities
 from cxr_core.explain import grad_cam, model_view, overlay_png
 from cxr_core.preprocessing import EvalPreset
 
@@ -45,14 +46,15 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.checkpoint)
     model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
-    config = preset.config
+    config, serving = preset.config, ServingConfig.from_checkpoint(checkpoint)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:
         tensor = preset.load(path)
         with torch.no_grad():
-            probabilities = torch.softmax(model(tensor[None]), dim=1)[0]
-        target = int(probabilities.argmax())
-        heatmap = grad_cam(model, checkpoint["arch"], tensor[None], [target])[0]
+            logits = model(tensor[None]).numpy()
+        probabilities = calibrated_probabilities(logits, serving.temperature)[0]
+        target = int(serving.decide(probabilities[None])[0])
+        heatmap = grad_cam(model, checkpoint["arch"], tensor[None], [target], [serving.margin_needed(target)])[0]
         gray = model_view(tensor, config.mean[0], config.std[0])
         name = f"{path.parent.name}_{path.stem}_as_{checkpoint['class_names'][target]}.png"
         (args.out_dir / name).write_bytes(base64.b64decode(overlay_png(gray, heatmap)))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr_core.decision import predict_labels
+from cxr_core.decision import margin_needed, predict_labels
 from cxr_core.models import build_model
 from cxr_core.population import CHECKPOINT_KEY, PopulationSettings
 from cxr_core.preprocessing import PreprocessConfig
@@ -162,6 +162,11 @@ class ServingConfig:
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices: p(positive) >= threshold for a two-class model with a threshold, else argmax."""
         return predict_labels(probabilities, self.positive_index, self.threshold)
+
+    def margin_needed(self, target: int) -> float:
+        """The margin over the mean logit class `target` needs to be the answer (what Grad-CAM maps are drawn
+        against)."""
+        return margin_needed(target, len(self.class_names), self.positive_index, self.threshold, self.temperature)
 
 
 def serving_config(checkpoint: dict[str, Any]) -> dict[str, Any]:

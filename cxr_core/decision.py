@@ -4,6 +4,8 @@ divided by the model's fitted temperature, softmax, then the threshold on p(posi
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -33,3 +35,16 @@ def predict_labels(probabilities: np.ndarray, positive_index: int | None, thresh
         negative_index = 1 - positive_index
         return np.where(probabilities[:, positive_index] >= threshold, positive_index, negative_index)
     return probabilities.argmax(axis=1)
+
+
+def margin_needed(target: int, n_classes: int, positive_index: int | None, threshold: float | None,
+                  temperature: float) -> float:
+    """The margin over the mean logit that class `target` needs to be the answer. Two classes with a threshold t
+    on p(positive) at temperature T: p(positive) >= t exactly when the positive class's margin (half the logit
+    difference) reaches T * logit(t) / 2, and the negative class is the answer when its margin exceeds minus that.
+    Argmax: 0 (the largest logit is never below the mean)."""
+    if positive_index is None or threshold is None or n_classes != 2:
+        return 0.0
+    t = min(max(float(threshold), 1e-6), 1 - 1e-6)
+    positive_margin = temperature * math.log(t / (1 - t)) / 2
+    return positive_margin if target == positive_index else -positive_margin

@@ -1,15 +1,19 @@
-"""Grad-CAM for the eager model: where the network found evidence for a class.
+"""Grad-CAM for the eager model: where the network found evidence for the answer.
 
 The explained score is the class's margin over the mean logit, not its logit alone: softmax (and so every answer)
 depends only on the differences between logits, and evidence that raises every logit alike explains no class.
 For a two-class model that is half the logit difference; for a torchvision ResNet (average pool + linear layer)
-the heatmap is that margin's class activation map, the map the box-guided training (training.fine_tune) shapes.
+the evidence map (one margin per cell, their mean the film's margin) is that margin's class activation map, the
+map the box-guided training (training.fine_tune) shapes. The heatmap is the part of the evidence above the margin
+the class needs to be the answer (`ServingConfig.margin_needed`: the served threshold's, for a two-class model):
+a film answered with a class always has a cell above it, so an answer never comes with a blank map.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,21 +25,33 @@ CAM_LAYERS = {"resnet18": "layer4", "resnet34": "layer4", "mobilenet_v3_large": 
               "efficientnet_b0": "features", "densenet121": "features"}
 
 
-def grad_cam(model: nn.Module, arch: str, batch: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """(N, H, W) heatmaps in [0, 1] at the input resolution, one per image, for class `targets[i]`."""
+def evidence_maps(model: nn.Module, arch: str, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """(N, h, w) margins of class `targets[i]` per cell of the last convolutional stage: the gradient-weighted
+    activations shifted so that each map's mean is the image's margin (exact for a linear head)."""
     layer = model.get_submodule(CAM_LAYERS[arch])
     captured: dict[str, torch.Tensor] = {}
     hook = layer.register_forward_hook(lambda module, inputs, output: captured.__setitem__("maps", output))
     try:
         with torch.enable_grad():
             logits = model(batch)
-            margins = logits - logits.mean(dim=1, keepdim=True)
-            chosen = margins[torch.arange(len(targets)), torch.as_tensor(targets)].sum()
-            gradients = torch.autograd.grad(chosen, captured["maps"])[0]
+            margins = (logits - logits.mean(dim=1, keepdim=True))[torch.arange(len(targets)), torch.as_tensor(targets)]
+            gradients = torch.autograd.grad(margins.sum(), captured["maps"])[0]
     finally:
         hook.remove()
     maps = captured["maps"].detach()
-    cam = torch.relu((gradients.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1, keepdim=True))
+    cells = maps.shape[-2] * maps.shape[-1]
+    cam = (gradients.mean(dim=(2, 3), keepdim=True) * maps).sum(dim=1) * cells
+    return cam - cam.mean(dim=(1, 2), keepdim=True) + margins.detach()[:, None, None]
+
+
+def grad_cam(model: nn.Module, arch: str, batch: torch.Tensor, targets: Sequence[int],
+             needed: Sequence[float] | None = None) -> np.ndarray:
+    """(N, H, W) heatmaps in [0, 1] at the input resolution, one per image, for class `targets[i]`: the evidence
+    above `needed[i]` (the margin that class needs to be the answer; 0 when not given), scaled to its peak."""
+    evidence = evidence_maps(model, arch, batch, targets)
+    floor = torch.as_tensor(needed if needed is not None else [0.0] * len(targets), dtype=evidence.dtype,
+                            device=evidence.device)[:, None, None]
+    cam = torch.relu(evidence - floor)[:, None]
     cam = nn.functional.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None]
     return (cam / peak).cpu().numpy()

@@ -90,13 +90,15 @@ class ServedModel:
                 "threshold": self.config.threshold, "gate": gate, "population": population}
 
     def explain(self, images: torch.Tensor, labels: np.ndarray) -> list[dict[str, Any]]:
-        """Grad-CAM for each image's decided class, with the eager model; other runtimes refuse (501)."""
+        """Grad-CAM for each image's decided class (its evidence above what it needs to be the answer), with the
+        eager model; other runtimes refuse (501)."""
         if not isinstance(self.backend, TorchBackend) or self.backend.name != "eager" or \
                 self.config.arch not in CAM_LAYERS:
             raise Refusal("no_explanation", f"this archive ({self.backend.name} backend) does not explain; send "
                                             "explanations to the eager archive (pneumonia_eager)")
-        heatmaps = grad_cam(self.backend.model, self.config.arch, images.to(self.backend.device),
-                            [int(label) for label in labels])
+        targets = [int(label) for label in labels]
+        heatmaps = grad_cam(self.backend.model, self.config.arch, images.to(self.backend.device), targets,
+                            [self.config.margin_needed(target) for target in targets])
         mean, std = self.config.preprocessing.mean[0], self.config.preprocessing.std[0]
         return [{"explained_class": self.class_names[int(label)], "heatmap": np.round(heatmap, 3).tolist(),
                  "overlay_png": overlay_png(model_view(image, mean, std), heatmap)}

@@ -60,7 +60,7 @@ def test_intervals_and_chance():
 
 def test_a_peak_inside_a_box_is_a_hit_and_outside_a_miss(checkpoint, film, monkeypatch):
     """The heatmap's peak is forced to input pixel (x 48, y 16): film x 48*200/64 = 150, film y 16*100/64 = 25."""
-    def fake_cam(model, arch, batch, targets):
+    def fake_cam(model, arch, batch, targets, needed):
         heatmaps = np.zeros((len(batch), 64, 64))
         heatmaps[:, 16, 48] = 1.0
         return heatmaps

@@ -41,7 +41,7 @@ def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, real_samples):
     import torch
 
     from cxr.explain import lung_heat_fraction, lung_prior
-    from cxr_core.checkpoint import model_from_checkpoint, preprocess_config
+    from cxr_core.checkpoint import ServingConfig, model_from_checkpoint, preprocess_config
     from cxr_core.explain import grad_cam
     from cxr_core.preprocessing import EvalPreset, load_image
 
@@ -50,7 +50,8 @@ def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, real_samples):
     batch = torch.stack([preset(load_image(path)) for path in real_samples if path.parent.name == "PNEUMONIA"])
     with torch.no_grad():
         called = torch.softmax(model(batch), dim=1)[:, positive] >= checkpoint["threshold"]
-    heatmaps = grad_cam(model, checkpoint["arch"], batch[called], [positive] * int(called.sum()))
+    needed = [ServingConfig.from_checkpoint(checkpoint).margin_needed(positive)] * int(called.sum())
+    heatmaps = grad_cam(model, checkpoint["arch"], batch[called], [positive] * int(called.sum()), needed)
     fractions = [lung_heat_fraction(heatmap) for heatmap in heatmaps]
     assert len(fractions) >= 15
     assert np.median(fractions) > 1.2 * lung_prior(heatmaps.shape[-1]).mean()

@@ -27,7 +27,7 @@ from PIL import Image
 
 from cxr.commands import command_parser
 from cxr.report import figure
-from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
+from cxr_core.checkpoint import ServingConfig, load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr_core.explain import grad_cam, model_view
 from cxr_core.preprocessing import EvalPreset
 from training.fine_tune import Box, box_on_input, parse_boxes
@@ -90,13 +90,14 @@ def chance_p_value(hits: int, chances: Sequence[float]) -> float:
 
 def explain_films(checkpoint: dict[str, Any], paths: Sequence[Path], *, target: int, batch_size: int = 16
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(the grayscale input the model saw, the Grad-CAM heatmap of `target`) for each film, in order."""
+    """(the grayscale input the model saw, the Grad-CAM heatmap of `target`: its evidence above the margin it
+    needs to be the answer) for each film, in order."""
     model = model_from_checkpoint(checkpoint)
     config = preprocess_config(checkpoint)
-    preset = EvalPreset(config)
+    preset, needed = EvalPreset(config), ServingConfig.from_checkpoint(checkpoint).margin_needed(target)
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([preset.load(path) for path in paths[start:start + batch_size]])
-        heatmaps = grad_cam(model, checkpoint["arch"], batch, [target] * len(batch))
+        heatmaps = grad_cam(model, checkpoint["arch"], batch, [target] * len(batch), [needed] * len(batch))
         for tensor, heatmap in zip(batch, heatmaps, strict=True):
             yield model_view(tensor, config.mean[0], config.std[0]), heatmap
 
