@@ -52,7 +52,7 @@ def test_the_needed_margin_is_where_the_decision_turns(threshold, temperature):
 def test_an_answered_class_never_gets_a_blank_map(model):
     """Every cell argues against the positive class (its weights negative on post-ReLU features) but its bias
     carries the film over a low threshold: the map drawn against zero minus the bias was blank; drawn against
-    the threshold's margin it has a peak, and it is blank for a class the film is not answered with."""
+    the threshold's margin it has a peak. Drawn against a margin far above the film's, no cell clears it."""
     torch.manual_seed(2)
     positive = build_model("resnet18", 2, 1).eval()
     with torch.no_grad():

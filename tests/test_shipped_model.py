@@ -42,15 +42,18 @@ def test_grad_cam_heat_leans_into_the_lung_fields(checkpoint, real_samples):
 
     from cxr.explain import lung_heat_fraction, lung_prior
     from cxr_core.checkpoint import ServingConfig, model_from_checkpoint, preprocess_config
+    from cxr_core.decision import calibrated_probabilities
     from cxr_core.explain import grad_cam
     from cxr_core.preprocessing import EvalPreset, load_image
 
     model, preset = model_from_checkpoint(checkpoint), EvalPreset(preprocess_config(checkpoint))
     positive = checkpoint["class_names"].index("PNEUMONIA")
     batch = torch.stack([preset(load_image(path)) for path in real_samples if path.parent.name == "PNEUMONIA"])
+    served = ServingConfig.from_checkpoint(checkpoint)
     with torch.no_grad():
-        called = torch.softmax(model(batch), dim=1)[:, positive] >= checkpoint["threshold"]
-    needed = [ServingConfig.from_checkpoint(checkpoint).margin_needed(positive)] * int(called.sum())
+        logits = model(batch).numpy()
+    called = torch.as_tensor(served.decide(calibrated_probabilities(logits, served.temperature)) == positive)
+    needed = [served.margin_needed(positive)] * int(called.sum())
     heatmaps = grad_cam(model, checkpoint["arch"], batch[called], [positive] * int(called.sum()), needed)
     fractions = [lung_heat_fraction(heatmap) for heatmap in heatmaps]
     assert len(fractions) >= 15
