@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from cxr.report import figure, table
+from cxr.report import figure, table, write_markdown_and_json
 from cxr_core.variants import VARIANTS
 from loadtest.bench_server import BenchConfig
 
@@ -147,5 +146,4 @@ def write_reports(results: dict[str, Any], output: Path) -> None:
     (the whole matrix's report has none: they would overwrite them)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     plots = [] if results.get("matrix") else plot(results, output.parent)
-    output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    output.write_text(markdown(results, plots))
+    write_markdown_and_json(output, markdown(results, plots), results)

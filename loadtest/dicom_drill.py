@@ -38,6 +38,7 @@ from cxr.commands import command_parser
 from cxr.dicom.config import NodeConfig
 from cxr.dicom.spool import read_audit
 from cxr.paths import REPO
+from cxr.report import write_markdown_and_json
 from cxr.server import free_ports
 from loadtest.dicom_films import fixture_pixels, study_film
 from loadtest.pacs import Orthanc
@@ -287,10 +288,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             drill.close()
     print(json.dumps(results, indent=1))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(markdown(results))
-    output.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_markdown_and_json(args.output, markdown(results), results)
     return results
 
 

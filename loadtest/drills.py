@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 
 from cxr.commands import command_parser
-from cxr.report import table
+from cxr.report import table, write_markdown_and_json
 from cxr_core.variants import VARIANTS
 from export import archive as archive_cli
 from loadtest import hostile
@@ -252,11 +252,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             bench.close()
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(markdown(results))
-        output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"report: {output}")
+        print(f"report: {write_markdown_and_json(args.output, markdown(results), results)}")
     return results
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from cxr.commands import command_parser
-from cxr.report import table
+from cxr.report import table, write_markdown_and_json
 from cxr.timing import images_per_second
 from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, serving_config
 from cxr_core.population import CHECKPOINT_KEY, CheckedModel
@@ -97,9 +96,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
              f"check, {size} px input): images/s, medians over {args.seconds:.0f} s per cell.", "",
              *table(["backend", *(f"batch {b}" for b in args.batches)],
                     [[name, *(f"{v:.0f}" for v in row.values())] for name, row in results["rows"].items()]), ""]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(lines))
-    Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown_and_json(args.output, "\n".join(lines), results)
     print("\n".join(lines))
     return results
 

@@ -18,6 +18,7 @@ from cxr.metrics import (
     roc_curve,
     youden_threshold,
 )
+from cxr.report import write_markdown_and_json
 from cxr_core.decision import apply_temperature, softmax
 
 
@@ -155,3 +156,12 @@ def test_a_chosen_threshold_sits_between_scores():
     assert between_scores(scores, 0.1) == 0.1  # nothing lower: the threshold stays
     y = np.array([0, 1, 0, 1])
     assert youden_threshold(y, scores) == 0.3
+
+
+def test_a_report_and_its_data_land_side_by_side(tmp_path):
+    """The Markdown at the path asked for (folders made), the data beside it as JSON, numpy numbers as floats."""
+    import json
+
+    written = write_markdown_and_json(tmp_path / "deep" / "report.md", "# title\n", {"auc": np.float32(0.5), "n": 3})
+    assert written == tmp_path / "deep" / "report.md" and written.read_text() == "# title\n"
+    assert json.loads((tmp_path / "deep" / "report.json").read_text()) == {"auc": 0.5, "n": 3}

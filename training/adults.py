@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from cxr.commands import command_parser
 from cxr.data import image_files
 from cxr.metrics import roc_auc
 from cxr.paths import SHIPPED_GATE, data_root
-from cxr.report import table
+from cxr.report import table, write_markdown_and_json
 from cxr_core.policy import Refusal, RequestPolicy
 from cxr_core.population import outside
 from cxr_core.served import ServedModel
@@ -263,13 +262,9 @@ def summary_cells(summary: dict[str, Any], names: Sequence[str]) -> list[Any]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     ran = run(args)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(args, ran["result"], ran["names"])
-    output.write_text(text)
     films = [{key: row.get(key) for key in FILM_KEYS} for row in ran["rows"]]
-    output.with_suffix(".json").write_text(json.dumps({**ran["result"], "films": films}, indent=2, default=float)
-                                           + "\n")
+    write_markdown_and_json(args.output, text, {**ran["result"], "films": films})
     print(text)
     return ran["result"]
 

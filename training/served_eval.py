@@ -13,7 +13,6 @@ with `population_check: warn` semantics, cannot be given on the refused ones (th
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ from cxr.client import Client, PredictionError
 from cxr.commands import command_parser
 from cxr.data import image_files
 from cxr.metrics import classification_report
-from cxr.report import table
+from cxr.report import table, write_markdown_and_json
 
 
 def ask(client: Client, model: str, path: Path) -> dict[str, Any]:
@@ -106,11 +105,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result = evaluate(client, args.model, folder, args.threads)
     finally:
         client.close()
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(markdown(args.model, folder, result))
-    output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    print(output.read_text())
+    print(write_markdown_and_json(args.output, markdown(args.model, folder, result), result).read_text())
     return result
 
 

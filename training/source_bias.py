@@ -26,7 +26,7 @@ from cxr.commands import command_parser
 from cxr.data import XrayFolder, image_files
 from cxr.metrics import classification_report
 from cxr.paths import data_root
-from cxr.report import table
+from cxr.report import table, write_markdown_and_json
 from cxr_core.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_config
 from cxr_core.decision import apply_temperature
 from cxr_core.preprocessing import EvalPreset, load_image
@@ -109,12 +109,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     probe = cross_source(checkpoint, probe_root)
     statistics = statistics_only(data_root, checkpoint["class_names"])
     model_test, _, _ = evaluate_checkpoint(checkpoint, data_root, "test", bootstrap=0)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(markdown(checkpoint, probe_root, probe, statistics, model_test))
     result = {"probe": probe, "statistics_only": statistics,
               "model": {k: model_test[k] for k in ("accuracy", "balanced_accuracy", "macro_auc")}}
-    output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown_and_json(args.output, markdown(checkpoint, probe_root, probe, statistics, model_test), result)
     print(json.dumps(result, indent=2))
     return result
 
