@@ -125,7 +125,6 @@ def run(handler, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[int, tuple
     return handler.handle(rows, context), context.statuses
 
 
-
 def inside_and_outside_images() -> tuple[bytes, bytes]:
     """Two X-ray-like images the tiny model's features tell apart (a synthetic film and its rolled copy)."""
     gray = synthetic_xray()
